@@ -1,0 +1,30 @@
+# lightning_diff: `make demo` trains EDM on digits and writes a sample grid; `make test` runs the fast suite.
+PY        := .venv/bin/python
+STAMP     := .venv/.installed
+PYTEST    := $(PY) -m pytest
+
+.PHONY: install demo test test-slow lint benchmarks clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency list changes; torch/torchvision come from the local wheel store.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m lightning_diff.train experiment=edm_digits
+
+test: install
+	$(PYTEST) -m "not slow" -q
+
+test-slow: install
+	$(PYTEST) -m slow -q
+
+lint: install
+	$(PY) -m ruff check lightning_diff tests benchmarks
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

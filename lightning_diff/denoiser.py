@@ -1,0 +1,113 @@
+"""``Denoiser``: one network F, preconditioned by a formulation, and the one loss for all families."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formulations import Formulation
+
+__all__ = ["Denoiser"]
+
+
+def _as_batch_sigma(sigma, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Noise levels as a ``[B]`` tensor of ``dtype`` (accepts a number, ``[]``, ``[B]`` or ``[B, 1, ...]``)."""
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
+    if sigma.numel() == 1:
+        return sigma.reshape(1).expand(batch)
+    sigma = sigma.reshape(-1)
+    if sigma.numel() != batch:
+        raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {batch}")
+    return sigma
+
+
+class Denoiser(nn.Module):
+    """``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), labels)`` (EDM eq. 7).
+
+    Args:
+        backbone: any module ``F(x, c_noise, labels) -> Tensor`` with ``x`` ``[B, C, ...]``, ``c_noise``
+            ``[B]`` and ``labels`` ``[B]`` long or None. Its output may have extra channels (a learned
+            variance head): the first ``C`` channels are the prediction.
+        formulation: the family that sets the preconditioning, p(sigma) and lambda(sigma).
+
+    Preconditioning and the loss run in float32 (float64 when ``x`` is float64) with autocast off;
+    only the backbone runs under whatever autocast the caller (Lightning's precision plugin) set.
+    """
+
+    def __init__(self, backbone: nn.Module, formulation: Formulation):
+        super().__init__()
+        self.backbone = backbone
+        self.formulation = formulation
+
+    def _backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
+        param = next(self.backbone.parameters(), None)
+        return x.dtype if param is None else param.dtype
+
+    def precondition(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, ...]:
+        """``(sigma, c_skip, c_out, c_in, c_noise)`` for ``x`` ``[B, ...]``: the first four shaped
+        ``[B, 1, ...]`` to broadcast against x, ``c_noise`` ``[B]``; all in x's float dtype."""
+        fm = self.formulation
+        with torch.autocast(x.device.type, enabled=False):
+            sigma = _as_batch_sigma(sigma, x.shape[0], x.dtype, x.device)
+            view = (-1,) + (1,) * (x.ndim - 1)
+            coeffs = [c.reshape(view) for c in (sigma, fm.c_skip(sigma), fm.c_out(sigma), fm.c_in(sigma))]
+            return (*coeffs, fm.c_noise(sigma))
+
+    def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """Estimate of the clean data y from ``x = y + sigma n`` (sigma-frame).
+
+        Args:
+            x: noisy data ``[B, C, ...]`` in model space.
+            sigma: noise levels, a number or ``[B]``.
+            labels: class labels ``[B]`` (long) or None; ``cond`` passes extra backbone inputs.
+        Returns:
+            ``[B, C, ...]`` in float32 (float64 when x is float64).
+        """
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(dtype)
+        _, c_skip, c_out, c_in, c_noise = self.precondition(x, sigma)
+        F = self.backbone((c_in * x).to(self._backbone_dtype(x)), c_noise, labels, **cond)
+        F = F[:, : x.shape[1]]
+        with torch.autocast(x.device.type, enabled=False):
+            return c_skip * x + c_out * F.to(dtype)
+
+    def loss(self, y: torch.Tensor, labels: torch.Tensor | None = None, *, sigma: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one loss of every formulation: ``lambda(sigma) ||D(y + sigma n; sigma) - y||^2``.
+
+        Reduction: mean over the elements of each sample (k-diffusion and score_sde ``reduce_mean``;
+        NVlabs/edm sums over pixels instead, a constant factor that changes the effective learning rate,
+        not the optimum). The caller averages over the batch, so the training loss is the mean over all
+        elements.
+
+        Args:
+            y: clean data ``[B, C, ...]``.
+            sigma, noise: optional fixed ``[B]`` noise levels / ``[B, C, ...]`` standard normal noise;
+                drawn from the formulation's p(sigma) and N(0, I) when omitted.
+        Returns:
+            ``(loss [B], sigma [B])`` in float32.
+        """
+        y = y.float()
+        if sigma is None:
+            sigma = self.formulation.sample_training_sigma((y.shape[0],), generator=generator, device=y.device)
+        if noise is None:
+            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        sigma = _as_batch_sigma(sigma, y.shape[0], y.dtype, y.device)
+        view = (-1,) + (1,) * (y.ndim - 1)
+        D = self(y + sigma.reshape(view) * noise, sigma, labels, **cond)
+        with torch.autocast(y.device.type, enabled=False):
+            weight = self.formulation.loss_weight(sigma)
+            per_sample = ((D - y) ** 2).flatten(1).mean(dim=1)
+            return weight * per_sample, sigma
+
+    def round_sigma(self, sigma):
+        return self.formulation.round_sigma(sigma)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.formulation.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.formulation.sigma_max

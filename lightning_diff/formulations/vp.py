@@ -1,0 +1,96 @@
+"""Variance-preserving families of Song et al. 2021: the VP-SDE (EDM Table 1 "VP" column, NVlabs/edm
+``VPPrecond``/``VPLoss``) and the sub-VP SDE (score_sde ``subVPSDE``; MATH.md §6.1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling.schedules import vp_sigmas
+from .base import Formulation, check_positive
+
+
+class VP(Formulation):
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), s(t) = 1 / sqrt(1 + sigma(t)^2);
+    epsilon-prediction network fed ``(M - 1) t``."""
+
+    name = "vp"
+
+    def __init__(
+        self,
+        beta_d: float = 19.9,  # Extent of the noise level schedule (beta_max - beta_min).
+        beta_min: float = 0.1,  # Initial slope of the noise level schedule.
+        M: int = 1000,  # Original number of timesteps in the DDPM formulation (c_noise scale).
+        epsilon_t: float = 1e-5,  # Minimum t during training.
+        epsilon_s: float = 1e-3,  # Minimum t of the sampling grid (EDM Table 1).
+    ):
+        setting = f"formulation={self.name}"
+        for key, value in dict(beta_d=beta_d, M=M, epsilon_t=epsilon_t, epsilon_s=epsilon_s).items():
+            check_positive(key, value, setting)
+        if beta_min < 0:
+            raise ValueError(f"{setting}: beta_min={beta_min} is invalid; allowed: a number >= 0")
+        for key, value in dict(epsilon_t=epsilon_t, epsilon_s=epsilon_s).items():
+            if value >= 1:
+                raise ValueError(f"{setting}: {key}={value} is invalid; allowed: 0 < {key} < 1")
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        self.epsilon_t, self.epsilon_s = epsilon_t, epsilon_s
+        t = torch.tensor([epsilon_t, 1.0], dtype=torch.float64)
+        self.sigma_min, self.sigma_max = (float(v) for v in self.sigma(t))
+
+    # int_0^t beta(u) du and beta(t) for the linear beta(t) = beta_min + beta_d t.
+    def _B(self, t):
+        return 0.5 * self.beta_d * t**2 + self.beta_min * t
+
+    def _beta(self, t):
+        return self.beta_min + self.beta_d * t
+
+    def _t_of_B(self, B):
+        return ((self.beta_min**2 + 2 * self.beta_d * B).sqrt() - self.beta_min) / self.beta_d
+
+    def sigma(self, t):
+        return torch.expm1(self._B(t)).sqrt()
+
+    def sigma_deriv(self, t):
+        return self._beta(t) * self._B(t).exp() / (2 * self.sigma(t))
+
+    def t_of_sigma(self, sigma):
+        # EDM Table 1 footnote: sigma^-1(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d.
+        return self._t_of_B(torch.log1p(sigma**2))
+
+    def s(self, t):
+        return (-0.5 * self._B(t)).exp()
+
+    def s_deriv(self, t):
+        return -0.5 * self._beta(t) * self.s(t)
+
+    def c_out(self, sigma):
+        return -sigma
+
+    def c_in(self, sigma):
+        return self.s(self.t_of_sigma(sigma))
+
+    def c_noise(self, sigma):
+        return (self.M - 1) * self.t_of_sigma(sigma)
+
+    def sample_training_sigma(self, shape, generator=None, device=None):
+        # t ~ U(epsilon_t, 1) (EDM Table 1, Song et al. 2021).
+        t = 1 + self._uniform(shape, generator, device) * (self.epsilon_t - 1)
+        return self.sigma(t).float()
+
+    def sampling_sigmas(self, num_steps, device=None):
+        return vp_sigmas(num_steps, self.sigma, self.epsilon_s, device=device)
+
+
+class SubVP(VP):
+    """sub-VP SDE (Song et al. 2021, eq. 29): x_t = sqrt(abar) y + (1 - abar) n with abar = exp(-B(t)),
+    so s = exp(-B/2), sigma = (1 - abar)/sqrt(abar) = 2 sinh(B/2); g^2 = beta (1 - exp(-2B))."""
+
+    name = "subvp"
+
+    def sigma(self, t):
+        return 2 * torch.sinh(0.5 * self._B(t))
+
+    def sigma_deriv(self, t):
+        return self._beta(t) * torch.cosh(0.5 * self._B(t))
+
+    def t_of_sigma(self, sigma):
+        return self._t_of_B(2 * torch.asinh(0.5 * sigma))
