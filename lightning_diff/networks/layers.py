@@ -1,4 +1,4 @@
-"""Layers shared by the backbones: noise-level embeddings and class conditioning."""
+"""Layers shared by the backbones: noise-level embeddings, class conditioning, FIR resampling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PositionalEmbedding", "FourierEmbedding", "LabelEmbedding"]
+__all__ = [
+    "PositionalEmbedding", "FourierEmbedding", "LabelEmbedding", "Resample", "group_norm",
+    "check_conditioning",
+]
 
 
 class PositionalEmbedding(nn.Module):
@@ -59,3 +62,56 @@ class LabelEmbedding(nn.Module):
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embed(labels.long())
+
+
+def group_norm(num_channels: int, eps: float = 1e-5, max_groups: int = 32,
+               min_channels_per_group: int = 4) -> nn.GroupNorm:
+    """GroupNorm with ``min(max_groups, num_channels // min_channels_per_group)`` groups (EDM's rule,
+    so narrow tiny presets still get groups of >= 4 channels)."""
+    groups = max(1, min(max_groups, num_channels // min_channels_per_group))
+    return nn.GroupNorm(groups, num_channels, eps=eps)
+
+
+class Resample(nn.Module):
+    """Up- or down-sampling by 2 with a separable FIR filter, applied per channel.
+
+    ``filter=(1, 1)`` is box down / nearest up (DDPM++); ``(1, 3, 3, 1)`` is the binomial filter of
+    NCSN++ and StyleGAN2 (Song et al. 2021, App. H; Karras et al. 2020). The 2-D kernel is the outer
+    product normalised to sum 1 (times 4 for up, so a constant image keeps its value). Hand-written:
+    torch has no FIR resampler and the StyleGAN ``upfirdn2d`` op is not packaged for pip.
+    Maps ``[B, C, H, W]`` -> ``[B, C, 2H, 2W]`` (up) or ``[B, C, H/2, W/2]`` (down).
+    """
+
+    def __init__(self, mode: str, filter: tuple[float, ...] = (1, 1)):
+        super().__init__()
+        if mode not in ("up", "down"):
+            raise ValueError(f"Resample mode={mode!r} is invalid; allowed: 'up', 'down'")
+        if len(filter) % 2:
+            raise ValueError(f"resample_filter={tuple(filter)} is invalid; allowed: an even number of taps")
+        f = torch.tensor([float(tap) for tap in filter])
+        self.mode, self.pad = mode, (len(filter) - 1) // 2
+        self.register_buffer("kernel", (f.outer(f) / f.sum() ** 2)[None, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        kernel = self.kernel.to(x.dtype).expand(channels, 1, -1, -1)
+        if self.mode == "up":
+            return nn.functional.conv_transpose2d(x, 4 * kernel, stride=2, padding=self.pad, groups=channels)
+        return nn.functional.conv2d(x, kernel, stride=2, padding=self.pad, groups=channels)
+
+
+def check_conditioning(net: nn.Module, labels: torch.Tensor | None,
+                       augment_labels: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` when a backbone gets a condition it was not built for
+    (``net.num_classes`` / ``net.augment_dim`` of 0 mean "no such input")."""
+    name = type(net).__name__
+    if labels is not None and not net.num_classes:
+        raise ValueError(f"{name}: got class labels but num_classes=0; "
+                         "allowed: labels=None or num_classes > 0")
+    if augment_labels is not None:
+        if not net.augment_dim:
+            raise ValueError(f"{name}: got augment_labels but augment_dim=0; allowed: augment_labels=None "
+                             "or augment_dim > 0")
+        if augment_labels.shape[-1] != net.augment_dim:
+            raise ValueError(f"{name}: augment_labels has {augment_labels.shape[-1]} entries per sample; "
+                             f"allowed: augment_dim={net.augment_dim}")

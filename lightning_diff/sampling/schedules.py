@@ -112,14 +112,16 @@ def ddpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") 
     elif spacing == "quadratic":
         idx = (torch.linspace(0, math.sqrt(num_timesteps * 0.8), num_steps, dtype=torch.float64) ** 2).long()
     elif spacing == "trailing":
-        idx = torch.round(torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64)).long() - 1
+        ramp = torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64)
+        idx = torch.round(ramp).long() - 1
         idx = idx.flip(0)
     elif spacing == "linspace":
         idx = torch.round(torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64)).long()
     else:
         raise ValueError(f"spacing={spacing!r} is not known; allowed: {', '.join(SPACINGS)}")
     if torch.unique(idx).numel() != num_steps:
-        raise ValueError(f"spacing={spacing!r} with num_steps={num_steps} of {num_timesteps} repeats a timestep")
+        raise ValueError(f"spacing={spacing!r} with num_steps={num_steps} of {num_timesteps} "
+                         "repeats a timestep")
     return idx.flip(0)
 
 

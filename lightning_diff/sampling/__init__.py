@@ -1,0 +1,62 @@
+"""Samplers: plain functions with one signature over a sigma grid (the k-diffusion convention).
+
+``fn(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, **options) -> Tensor``
+
+- ``denoiser(x, sigma, **cond)`` takes ``sigma`` as a ``[B]`` tensor and returns the estimate of y in the
+  sigma-frame ``x = y + sigma n`` (``Denoiser``, ``GaussianMixture`` or any outside model);
+  ``cond={"labels": labels}`` passes conditioning.
+- ``x`` is the start noise already multiplied by ``sigmas[0]`` (``initial_noise``); ``sigmas`` is a
+  decreasing 1-D tensor ending in 0 (``schedules`` or ``formulation.sampling_sigmas``).
+- ``generator``: None, a ``torch.Generator`` or per-sample generators (``PerSampleGenerator`` / a list),
+  so that sample i depends only on its seed whatever the batch size.
+- ``stats`` (a dict) receives ``nfe`` (and ``accepted``/``rejected`` for ``rk45``); ``callback`` receives
+  ``{"i", "x", "sigma", "denoised", "nfe"}`` once per step.
+- Solver state is float64 by default (``dtype=``), as NVlabs/edm; the result has x's dtype.
+
+``sample(name, denoiser, x, sigmas, **options)`` dispatches through ``SAMPLERS``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from . import schedules
+from .adaptive import rk45
+from .ancestral import ddim, ddpm
+from .dpm_solver import dpmpp_2m
+from .edm import ablation, euler, heun
+from .guidance import CFGDenoiser, ClassifierGuidance
+from .langevin import annealed_langevin
+from .noise import PerSampleGenerator, initial_noise, randn_like
+from .sde import euler_maruyama, pc
+
+__all__ = [
+    "SAMPLERS", "sample", "names", "euler", "heun", "ablation", "ddim", "ddpm", "euler_maruyama", "pc",
+    "annealed_langevin", "dpmpp_2m", "rk45", "CFGDenoiser", "ClassifierGuidance", "PerSampleGenerator",
+    "randn_like", "initial_noise", "schedules",
+]
+
+SAMPLERS = {fn.__name__: fn for fn in (euler, heun, ablation, ddim, ddpm, euler_maruyama, pc,
+                                       annealed_langevin, dpmpp_2m, rk45)}
+
+
+def names() -> list[str]:
+    """Registry names of all samplers."""
+    return list(SAMPLERS)
+
+
+def sample(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options) -> torch.Tensor:
+    """Run sampler ``name`` (a key of ``SAMPLERS``) with keyword ``options``.
+
+    Raises ``ValueError`` naming the allowed samplers or the sampler's allowed options on bad input.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r} is not known; allowed: {', '.join(SAMPLERS)}")
+    fn = SAMPLERS[name]
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("denoiser", "x", "sigmas")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler={name}: unknown options {unknown}; allowed: {', '.join(allowed)}")
+    return fn(denoiser, x, sigmas, **options)

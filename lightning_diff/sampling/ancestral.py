@@ -1,0 +1,99 @@
+"""Discrete-time samplers: DDIM with eta (Song et al. 2021) and DDPM ancestral sampling (Ho et al. 2020),
+written in the sigma-frame so that they run on any grid.
+
+On a grid of noise levels the DDPM quantities follow from ``abar = 1 / (1 + sigma^2)`` (MATH.md §6.2:
+``sigma = sqrt((1 - abar) / abar)``), with ``alpha_t = abar_t / abar_{t-1}`` and ``beta_t = 1 - alpha_t``
+between consecutive grid points (what improved-diffusion's respacing does for strided grids).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .core import Evaluator, check_choice, check_grid, to_dtype
+from .noise import randn_like
+
+__all__ = ["ddim", "ddpm", "DDPM_VARIANCES"]
+
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def _denoise(evaluate: Evaluator, state, sigma, clip_denoised: bool):
+    """D(x; sigma), clamped to the data range [-1, 1] when ``clip_denoised`` (improved-diffusion)."""
+    denoised = evaluate(state, sigma)
+    return denoised.clamp(-1, 1) if clip_denoised else denoised
+
+
+def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, generator=None, callback=None,
+         stats=None, cond: dict | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) in the sigma-frame; NFE = N.
+
+    Dividing eq. 12 by ``sqrt(abar_{t-1})`` gives ``x' = D + sigma_down eps_hat + sigma_up z`` with
+    ``eps_hat = (x - D) / sigma``, ``sigma_up^2 = eta^2 sigma'^2 (sigma^2 - sigma'^2) / sigma^2`` (eq. 16's
+    sigma_t(eta) over ``sqrt(abar_{t-1})``) and ``sigma_down^2 = sigma'^2 - sigma_up^2`` (MATH.md §6.4-6.5).
+    eta = 0 is deterministic DDIM (= Euler in sigma), eta = 1 is DDPM with the posterior variance.
+
+    Args:
+        eta: in [0, 1].
+        clip_denoised: clamp D to [-1, 1] (images) and re-derive eps_hat from it, as improved-diffusion's
+            ``ddim_sample``; off by default (the DDIM paper's code does not clip).
+        Others as in ``euler``; ``generator`` draws the eta > 0 noise.
+    Returns:
+        ``[B, ...]`` samples at sigma = 0.
+    """
+    grid = check_grid(sigmas, x, "ddim")
+    if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"sampler=ddim: eta={eta!r} is invalid; allowed: 0 <= eta <= 1")
+    evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
+    state = to_dtype(x, dtype)
+    for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        denoised = _denoise(evaluate, state, sigma, clip_denoised)
+        evaluate.report(i, state, sigma, denoised)
+        eps = (state - denoised) / sigma
+        sigma_up = eta * sigma_next * math.sqrt(1 - (sigma_next / sigma) ** 2)
+        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        state = denoised + sigma_down * eps
+        if sigma_up > 0:
+            state = state + sigma_up * randn_like(state, generator)
+    return state.to(x.dtype)
+
+
+def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", clip_denoised: bool = False, generator=None,
+         callback=None, stats=None, cond: dict | None = None,
+         dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2 written with the posterior of eq. 6-7); NFE = N.
+
+    Each step draws ``x_{t-1} ~ N(mu~_t(x_t, x0_hat), var)`` in the VP frame ``x_t = sqrt(abar_t) x_sigma``,
+    with ``x0_hat = D``, ``mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t)
+    (1 - abar_{t-1}) / (1 - abar_t) x_t`` (eq. 7) and no noise on the last step.
+
+    Args:
+        variance: ``fixed_small`` (posterior beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t) or
+            ``fixed_large`` (beta_t); Ho et al. Sec. 3.2.
+        clip_denoised: clamp x0_hat to [-1, 1] (Ho et al.'s and improved-diffusion's ``clip_denoised``);
+            off by default here so that non-image data are not clipped.
+        Others as in ``euler``.
+    Returns:
+        ``[B, ...]`` samples at sigma = 0.
+    """
+    grid = check_grid(sigmas, x, "ddpm")
+    check_choice("ddpm", "variance", variance, DDPM_VARIANCES)
+    evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
+    state = to_dtype(x, dtype)
+    for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        x0 = _denoise(evaluate, state, sigma, clip_denoised)
+        evaluate.report(i, state, sigma, x0)
+        abar, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+        alpha = abar / abar_prev
+        beta = 1 - alpha
+        x_t = math.sqrt(abar) * state
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar) * x0
+                + math.sqrt(alpha) * (1 - abar_prev) / (1 - abar) * x_t)  # Ho et al. eq. 7
+        x_prev = mean
+        if sigma_next > 0:
+            var = (1 - abar_prev) / (1 - abar) * beta if variance == "fixed_small" else beta
+            x_prev = mean + math.sqrt(var) * randn_like(mean, generator)
+        state = x_prev / math.sqrt(abar_prev)
+    return state.to(x.dtype)

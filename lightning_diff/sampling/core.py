@@ -1,0 +1,92 @@
+"""What every sampler shares: checking the sigma grid, calling the denoiser in the solver's dtype, and
+counting network evaluations (NFE) into ``stats`` and callback payloads.
+
+Sampler contract (k-diffusion convention): ``fn(denoiser, x, sigmas, *, generator=None, callback=None,
+stats=None, **options) -> Tensor`` where ``denoiser(x, sigma, **cond)`` takes ``sigma`` as a ``[B]``
+tensor and returns the estimate of y in the sigma-frame ``x = y + sigma n``; ``x`` is the start noise
+already multiplied by ``sigmas[0]``; ``sigmas`` is a decreasing 1-D tensor that ends in 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Evaluator", "check_grid", "check_choice", "check_nonnegative", "to_dtype"]
+
+
+def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str) -> list[float]:
+    """Validate ``sigmas`` (1-D, >= 2 entries, finite, strictly decreasing, last entry 0) and return it as
+    a list of Python floats (exact float64 values, used for control flow without device syncs)."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sampler={sampler}: sigmas must be a 1-D tensor with at least 2 entries, got "
+                         f"{getattr(sigmas, 'shape', type(sigmas).__name__)}")
+    grid = sigmas.detach().to("cpu", torch.float64).tolist()
+    if not all(map(lambda s: s == s and s != float("inf"), grid)):
+        raise ValueError(f"sampler={sampler}: sigmas={grid} contains a non-finite value")
+    if grid[-1] != 0 or any(a <= b for a, b in zip(grid, grid[1:], strict=False)):
+        raise ValueError(f"sampler={sampler}: sigmas must be strictly decreasing and end in 0, got "
+                         f"{grid[:3]}...{grid[-2:]}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"sampler={sampler}: x must have a batch dimension, got shape {tuple(x.shape)}")
+    return grid
+
+
+def check_choice(sampler: str, setting: str, value, allowed) -> None:
+    """Raise ``ValueError`` naming the setting unless ``value in allowed``."""
+    if value not in allowed:
+        raise ValueError(f"sampler={sampler}: {setting}={value!r} is not known; "
+                         f"allowed: {', '.join(map(str, allowed))}")
+
+
+def check_nonnegative(sampler: str, **values) -> None:
+    """Raise ``ValueError`` naming the setting unless every value is a finite number >= 0."""
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or value != value or value < 0 or value == float("inf"):
+            raise ValueError(f"sampler={sampler}: {key}={value!r} is invalid; allowed: a finite number >= 0")
+
+
+class Evaluator:
+    """Wraps ``denoiser`` for a solver whose state has dtype ``dtype``.
+
+    ``evaluator(x, sigma)`` with ``sigma`` a float or ``[B]`` tensor calls ``denoiser(x, sigma[B], **cond)``
+    and returns D in ``dtype``; it counts calls in ``nfe`` and mirrors the count into ``stats["nfe"]``.
+    ``report(i, x, sigma, denoised)`` sends ``{"i", "x", "sigma", "denoised", "nfe"}`` to the callback.
+    """
+
+    def __init__(self, denoiser: Callable, x: torch.Tensor, dtype: torch.dtype, cond: dict | None,
+                 stats: dict | None, callback: Callable | None):
+        self.denoiser, self.dtype, self.cond = denoiser, dtype, dict(cond or {})
+        self.stats, self.callback = stats, callback
+        self.batch, self.device = x.shape[0], x.device
+        self.nfe = 0
+        self._write("nfe", 0)
+
+    def _write(self, key: str, value) -> None:
+        if self.stats is not None:
+            self.stats[key] = value
+
+    def sigma_batch(self, sigma, batch: int | None = None) -> torch.Tensor:
+        """A noise level (float) or ``[B]`` tensor as a ``[B]`` tensor in the solver dtype."""
+        if isinstance(sigma, torch.Tensor):
+            return sigma.to(self.device, self.dtype).reshape(-1).expand(batch or self.batch)
+        return torch.full((batch or self.batch,), float(sigma), dtype=self.dtype, device=self.device)
+
+    def __call__(self, x: torch.Tensor, sigma, cond: dict | None = None) -> torch.Tensor:
+        """``D(x; sigma)`` in the solver dtype; ``cond`` replaces the stored conditioning (row subsets)."""
+        self.nfe += 1
+        self._write("nfe", self.nfe)
+        cond = self.cond if cond is None else cond
+        return self.denoiser(x, self.sigma_batch(sigma, x.shape[0]), **cond).to(self.dtype)
+
+    def report(self, i: int, x: torch.Tensor, sigma, denoised: torch.Tensor) -> None:
+        if self.callback is not None:
+            self.callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised, "nfe": self.nfe})
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The solver state: ``x`` converted to ``dtype`` (float64 by default, as NVlabs/edm's sampler)."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} is invalid; allowed: a floating-point dtype (float64 recommended)")
+    return x.to(dtype, copy=True)  # a copy: solvers may update their state in place

@@ -1,0 +1,274 @@
+"""The formulation core against the papers: EDM Table 1 constants, closed-form ideal denoisers,
+the loss each paper trains with, training densities (KS tests), derivatives and inverses."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from lightning_diff import formulations
+from lightning_diff.analytic import GaussianMixture
+from lightning_diff.denoiser import Denoiser
+
+ALL = formulations.names()
+f64 = torch.float64
+
+
+def test_registry_has_all_eight():
+    assert sorted(ALL) == sorted(["edm", "vp", "subvp", "ve", "ncsn", "ddpm", "iddpm", "rf"])
+
+
+# --- EDM Table 1 and its footnotes (MATH.md §2.3) ------------------------------------------------------
+def test_edm_table1_constants():
+    vp = formulations.get("vp")
+    s = vp.sigma(torch.tensor([1.0, 1e-3], dtype=f64))
+    assert s[0].item() == pytest.approx(152.17, abs=5e-3)
+    assert s[1].item() == pytest.approx(0.01049, abs=5e-6)
+    iddpm = formulations.get("iddpm")
+    assert iddpm.u[8].item() == pytest.approx(80.20, abs=5e-3)
+    assert iddpm.u[999].item() == pytest.approx(0.006425, abs=5e-7)
+    assert iddpm.u[1000].item() == 0
+    t = torch.linspace(1e-3, 1, 50, dtype=f64)
+    torch.testing.assert_close(vp.c_noise(vp.sigma(t)), 999 * t, rtol=1e-9, atol=1e-9)
+
+
+def test_iddpm_sampling_grid_starts_at_j0():
+    fm = formulations.get("iddpm")
+    sig = fm.sampling_sigmas(18)
+    assert sig[0].item() == pytest.approx(80.2037, abs=1e-3) and sig[-1] == 0 and sig[-2] == fm.u[999]
+    assert torch.all(sig[:-1] > sig[1:])
+
+
+def test_ddpm_grid_is_ho_et_al():
+    fm = formulations.get("ddpm")
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=f64)
+    abar = torch.cumprod(1 - betas, 0)
+    torch.testing.assert_close(fm.grid.flip(0), ((1 - abar) / abar).sqrt())
+    cos = formulations.get("ddpm", beta_schedule="cosine")
+    # Nichol & Dhariwal eq. 17: abar_t = f(t)/f(0) (before clipping betas to 0.999, which only touches t ~ T).
+    t = torch.arange(1, 1001, dtype=f64) / 1000
+    f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+    torch.testing.assert_close(cos.alphas_cumprod[:990], f[:990], rtol=1e-10, atol=1e-12)
+
+
+# --- the ideal denoiser and the network's regression targets --------------------------------------------
+class OracleBackbone(torch.nn.Module):
+    """Returns F* = (D* - c_skip x)/c_out for the exact D* of Gaussian data; records its input."""
+
+    def __init__(self, fm, gm):
+        super().__init__()
+        self.fm, self.gm, self.sigma = fm, gm, None
+
+    def forward(self, net_in, c_noise, labels=None):
+        self.net_in = net_in
+        sigma = self.sigma.reshape(-1, 1, 1, 1)
+        x = net_in / self.fm.c_in(sigma)
+        return (self.gm(x, sigma.flatten()) - self.fm.c_skip(sigma) * x) / self.fm.c_out(sigma)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ideal_target_gives_closed_form_denoiser(name):
+    fm = formulations.get(name)
+    mu, s = 0.3, 0.5
+    gm = GaussianMixture(torch.full((16,), mu, dtype=f64), s, shape=(1, 4, 4))
+    g = torch.Generator().manual_seed(1)
+    y = gm.sample(64, g)
+    sigma = fm.round_sigma(fm.sample_training_sigma((64,), g).to(f64))
+    n = torch.randn(y.shape, generator=g, dtype=f64)
+    x = y + sigma.reshape(-1, 1, 1, 1) * n
+    backbone = OracleBackbone(fm, gm)
+    backbone.sigma = sigma
+    D = Denoiser(backbone, fm)(x, sigma)
+    sv = sigma.reshape(-1, 1, 1, 1)
+    D_star = mu + s**2 / (s**2 + sv**2) * (x - mu)  # MATH.md §2.1
+    torch.testing.assert_close(D, D_star, rtol=1e-9, atol=1e-9)
+    eps_hat = (x - D_star) / sv
+    F = backbone(backbone.net_in, None)
+    # What each paper's network regresses on, from the papers' own definitions:
+    expected = {
+        "vp": eps_hat, "subvp": eps_hat, "ddpm": eps_hat, "iddpm": eps_hat,  # epsilon-prediction
+        "ve": -eps_hat, "ncsn": -eps_hat,  # sigma * score (NCSNv2 scale_by_sigma)
+        "rf": eps_hat - D_star,  # velocity v = eps - y
+    }
+    if name in expected:
+        torch.testing.assert_close(F, expected[name], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ddpm"])
+def test_network_input_is_the_papers_x_t(name):
+    """VP-type families feed the network x_t = s(t) (y + sigma n) (Ho 2020; Song 2021)."""
+    fm = formulations.get(name)
+    sigma = fm.round_sigma(torch.tensor([0.05, 0.9, 7.0], dtype=f64))
+    x = torch.randn(3, 5, dtype=f64)
+    t = fm.t_of_sigma(sigma)
+    torch.testing.assert_close(fm.c_in(sigma)[:, None] * x, fm.s(t)[:, None] * x)
+    if name == "ddpm":  # s = sqrt(abar_i) of timestep i
+        i = fm.timestep_index(sigma)
+        torch.testing.assert_close(fm.c_in(sigma), fm.alphas_cumprod[i].sqrt())
+        torch.testing.assert_close(fm.c_noise(sigma), i.to(f64))
+
+
+def test_rf_input_is_linear_interpolation():
+    fm = formulations.get("rf")
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=f64)
+    sigma = fm.sigma(t)
+    y, n = torch.randn(3, 4, dtype=f64), torch.randn(3, 4, dtype=f64)
+    torch.testing.assert_close(fm.c_in(sigma)[:, None] * (y + sigma[:, None] * n), (1 - t[:, None]) * y + t[:, None] * n)
+    torch.testing.assert_close(fm.c_noise(sigma), 999 * t)
+
+
+def test_edm_unit_variance_input_and_target():
+    """EDM §5/App. B.6: c_in and the effective target have unit variance when Var(y) = sigma_data^2."""
+    fm = formulations.get("edm")
+    g = torch.Generator().manual_seed(0)
+    y = 0.5 * torch.randn(200000, generator=g, dtype=f64)
+    n = torch.randn(200000, generator=g, dtype=f64)
+    for sig in (0.01, 0.5, 10.0):
+        sigma = torch.tensor(sig, dtype=f64)
+        x = y + sigma * n
+        assert (fm.c_in(sigma) * x).var().item() == pytest.approx(1, abs=0.02)
+        target = (y - fm.c_skip(sigma) * x) / fm.c_out(sigma)
+        assert target.var().item() == pytest.approx(1, abs=0.02)
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_effective_weight_is_one(name):
+    """lambda(sigma) c_out(sigma)^2 = 1 (EDM Table 1 for VP/VE/iDDPM/EDM; DDPM L_simple, NCSN, RF)."""
+    fm = formulations.get(name)
+    sigma = torch.logspace(-3, 2, 40, dtype=f64)
+    torch.testing.assert_close(fm.loss_weight(sigma) * fm.c_out(sigma) ** 2, torch.ones_like(sigma))
+
+
+class FixedOutput(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, c_noise, labels=None):
+        return self.out
+
+
+def test_ddpm_loss_is_l_simple():
+    fm = formulations.get("ddpm")
+    y = torch.rand(8, 1, 4, 4) * 2 - 1
+    eps = torch.randn_like(y)
+    eps_theta = torch.randn_like(y)
+    sigma = fm.grid[torch.randint(0, 1000, (8,))].float()
+    loss, _ = Denoiser(FixedOutput(eps_theta), fm).loss(y, sigma=sigma, noise=eps)
+    torch.testing.assert_close(loss, ((eps_theta - eps) ** 2).flatten(1).mean(1), rtol=1e-4, atol=1e-5)
+
+
+def test_rf_loss_is_velocity_mse():
+    fm = formulations.get("rf")
+    y = torch.rand(8, 2) * 2 - 1
+    eps, v_theta = torch.randn_like(y), torch.randn_like(y)
+    sigma = fm.sigma(torch.rand(8, dtype=f64) * 0.9 + 0.05).float()
+    loss, _ = Denoiser(FixedOutput(v_theta), fm).loss(y, sigma=sigma, noise=eps)
+    torch.testing.assert_close(loss, ((v_theta - (eps - y)) ** 2).mean(1), rtol=1e-4, atol=1e-5)
+
+
+# --- training densities: KS tests against the papers' distributions -------------------------------------
+def _cdf_checks():
+    vp = formulations.get("vp")
+    return {
+        "edm": (lambda s: s.log(), stats.norm(-1.2, 1.2).cdf),
+        "ve": (lambda s: s.log(), stats.uniform(math.log(0.02), math.log(100 / 0.02)).cdf),
+        "vp": (lambda s: vp.t_of_sigma(s), stats.uniform(1e-5, 1 - 1e-5).cdf),
+        "subvp": (lambda s: formulations.get("subvp").t_of_sigma(s), stats.uniform(1e-5, 1 - 1e-5).cdf),
+        "rf": (lambda s: s / (1 + s), stats.uniform(0, 1).cdf),
+    }
+
+
+@pytest.mark.parametrize("name", ["edm", "ve", "vp", "subvp", "rf"])
+def test_training_sigma_density(name):
+    fm = formulations.get(name)
+    transform, cdf = _cdf_checks()[name]
+    sigma = fm.sample_training_sigma((20000,), torch.Generator().manual_seed(3)).to(f64)
+    assert stats.kstest(transform(sigma).numpy(), cdf).pvalue > 1e-3
+
+
+def test_ks_detects_a_wrong_density():
+    """The KS check above can fail: EDM's sigmas are not log-normal(-1.0, 1.2)."""
+    sigma = formulations.get("edm").sample_training_sigma((20000,), torch.Generator().manual_seed(3))
+    assert stats.kstest(sigma.log().numpy(), stats.norm(-1.0, 1.2).cdf).pvalue < 1e-6
+
+
+def test_rf_logit_normal_is_edm_lognormal():
+    fm = formulations.get("rf", t_distribution="logit_normal", logit_mean=0.2, logit_std=0.8)
+    sigma = fm.sample_training_sigma((20000,), torch.Generator().manual_seed(4)).to(f64)
+    t = sigma / (1 + sigma)
+    assert stats.kstest(torch.logit(t).numpy(), stats.norm(0.2, 0.8).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ddpm", "iddpm", "ncsn"])
+def test_discrete_training_levels_are_uniform(name):
+    fm = formulations.get(name)
+    sigma = fm.sample_training_sigma((50000,), torch.Generator().manual_seed(5)).to(f64)
+    assert torch.equal(fm.round_sigma(sigma), sigma.to(f64)) or torch.allclose(fm.round_sigma(sigma), sigma, rtol=1e-6)
+    K = fm.grid.numel()
+    counts = torch.bincount(fm._nearest_index(sigma), minlength=K).numpy()
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+# --- schedule calculus --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_derivatives_match_autograd(name):
+    fm = formulations.get(name)
+    t = fm.t_of_sigma(torch.logspace(-1.5, 1.5, 25, dtype=f64)).requires_grad_(True)
+    for fn, deriv in ((fm.sigma, fm.sigma_deriv), (fm.s, fm.s_deriv)):
+        (grad,) = torch.autograd.grad((fn(t) + 0 * t).sum(), t)  # + 0 t: constant s(t) = 1
+        torch.testing.assert_close(deriv(t.detach()), grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_t_of_sigma_inverts_sigma(name):
+    fm = formulations.get(name)
+    sigma = torch.logspace(-2, 2, 30, dtype=f64)
+    torch.testing.assert_close(fm.sigma(fm.t_of_sigma(sigma)), sigma, rtol=1e-9, atol=0)
+
+
+def test_sde_coefficients_of_song_et_al():
+    t = torch.linspace(0.01, 1, 20, dtype=f64)
+    beta = 0.1 + 19.9 * t
+    vp, subvp = formulations.get("vp"), formulations.get("subvp")
+    torch.testing.assert_close(vp.f(t), -0.5 * beta)
+    torch.testing.assert_close(vp.g(t) ** 2, beta)
+    B = 0.1 * t + 0.5 * 19.9 * t**2
+    torch.testing.assert_close(subvp.f(t), -0.5 * beta)
+    torch.testing.assert_close(subvp.g(t) ** 2, beta * (1 - torch.exp(-2 * B)))
+    ve = formulations.get("ve")  # sigma = sqrt(t): g^2 = d sigma^2 / dt = 1
+    torch.testing.assert_close(ve.g(t), torch.ones_like(t))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sampling_sigmas_and_dtypes(name):
+    fm = formulations.get(name)
+    sig = fm.sampling_sigmas(10)
+    assert sig.dtype == f64 and sig.shape == (11,) and sig[-1] == 0 and torch.all(sig[:-1] > sig[1:])
+    assert sig[0] <= fm.sigma_max * (1 + 1e-9) and sig[-2] >= fm.sigma_min * (1 - 1e-9)
+    for dtype in (torch.float32, f64):
+        s = torch.tensor([0.1, 1.0], dtype=dtype)
+        for fn in (fm.c_skip, fm.c_out, fm.c_in, fm.c_noise, fm.loss_weight, fm.round_sigma):
+            assert fn(s).dtype == dtype
+
+
+# --- errors -------------------------------------------------------------------------------------------
+def test_unknown_name_lists_allowed():
+    with pytest.raises(ValueError, match=r"formulation='nope' is not known; allowed: edm, vp"):
+        formulations.get("nope")
+
+
+@pytest.mark.parametrize(("name", "kw", "pattern"), [
+    ("edm", dict(sigma_min=-1.0), r"formulation=edm: sigma_min=-1.0 is invalid"),
+    ("ve", dict(sigma_min=5.0, sigma_max=1.0), r"formulation=ve: sigma_min=5.0 must be < sigma_max=1.0"),
+    ("ncsn", dict(num_levels=1), r"num_levels=1 is invalid; allowed: an integer >= 2"),
+    ("ddpm", dict(beta_schedule="sqrt"), r"beta_schedule='sqrt' is not known; allowed"),
+    ("rf", dict(t_max=1.0), r"need 0 < t_min < t_max < 1"),
+    ("vp", dict(epsilon_t=2.0), r"epsilon_t=2.0 is invalid"),
+    ("edm", dict(sigma_dta=0.5), r"formulation=edm: bad settings \['sigma_dta'\]"),
+])
+def test_bad_constants_are_named(name, kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        formulations.get(name, **kw)
