@@ -1,6 +1,13 @@
-"""Backbones ``F(x, c_noise, labels)``: the networks a ``Denoiser`` preconditions."""
+"""Backbones ``F(x, c_noise, labels=None, augment_labels=None)``: the networks a ``Denoiser`` preconditions.
 
+``MLP`` and ``TinyUNet`` are the CPU presets; ``SongUNet`` (DDPM++/NCSN++), ``DhariwalUNet`` (ADM) and
+``DiT`` are the networks of the papers (configs in ``configs/network/``).
+"""
+
+from .adm import DhariwalUNet
+from .dit import DiT
 from .mlp import MLP
+from .song_unet import SongUNet
 from .unet import TinyUNet
 
-__all__ = ["MLP", "TinyUNet"]
+__all__ = ["MLP", "TinyUNet", "SongUNet", "DhariwalUNet", "DiT"]

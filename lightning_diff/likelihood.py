@@ -1,0 +1,336 @@
+"""Likelihoods of a denoiser: the probability-flow ODE with divergence, bits/dim with uniform
+dequantization, and the discrete variational bound of DDPM/iDDPM (MATH.md §6.9).
+
+Never compare the two bits/dim: the ODE one is a density of dequantized data (plus the offset of the
+data transform), the VLB one a discrete probability (no offset).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.integrate import solve_ivp
+
+from .denoiser import Denoiser
+
+__all__ = [
+    "log_likelihood",
+    "dequantize",
+    "bits_per_dim",
+    "ode_bits_per_dim",
+    "vlb_bits_per_dim",
+    "DIVERGENCES",
+    "PROBES",
+    "VARIANCES",
+]
+
+DIVERGENCES = ("hutchinson", "exact")
+PROBES = ("rademacher", "gaussian")
+VARIANCES = ("fixed_small", "fixed_large", "learned")
+
+
+def _divergence_fn(denoiser, divergence: str, probe_vectors: torch.Tensor | None, cond: dict):
+    """``f(x, sigma) -> (dx/dsigma, div)`` with ``dx/dsigma = (x - D(x; sigma)) / sigma`` (EDM eq. 4 in
+    the sigma-frame) and its divergence: exact (one VJP per dimension) or Skilling-Hutchinson
+    ``mean_k v_k^T (df/dx) v_k`` with the probes fixed along the trajectory (one VJP per probe)."""
+
+    def f(x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            sigmas = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+            drift = (x - denoiser(x, sigmas, **cond)) / sigma
+            flat = drift.flatten(1)
+            if divergence == "exact":
+                div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+                for i in range(flat.shape[1]):
+                    grad = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0]
+                    div = div + grad.flatten(1)[:, i]
+            else:
+                div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+                for k, v in enumerate(probe_vectors):
+                    grad = torch.autograd.grad((drift * v).sum(), x, retain_graph=k + 1 < len(probe_vectors))[
+                        0
+                    ]
+                    div = div + (grad * v).flatten(1).sum(1)
+                div = div / len(probe_vectors)
+        return drift.detach(), div.detach()
+
+    return f
+
+
+def log_likelihood(
+    denoiser,
+    x: torch.Tensor,
+    *,
+    sigma_min: float,
+    sigma_max: float,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    divergence: str = "hutchinson",
+    probes: int = 1,
+    probe: str = "rademacher",
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+    **cond,
+) -> tuple[torch.Tensor, dict]:
+    """Log-density of ``x`` under the probability-flow ODE of ``denoiser`` (Song et al. 2021, App. D.2).
+
+    Integrates ``dx/dsigma = (x - D(x; sigma)) / sigma`` together with ``d logp/dsigma = -div`` from
+    ``sigma_min`` (data; the ODE endpoint epsilon) to ``sigma_max`` with scipy's adaptive RK45 on a flat
+    float64 state (as yang-song/score_sde), then adds the prior ``N(0, sigma_max^2 I)`` (k-diffusion's
+    ``log_likelihood``): ``log p(x; sigma_min) = log N(x(sigma_max); 0, sigma_max^2 I) + int div dsigma``.
+    The step sizes are shared by the batch, so results depend on the batch within the tolerances.
+
+    Args:
+        denoiser: ``denoiser(x, sigma [B], labels, **cond) -> D`` (the sampler contract), differentiable.
+        x: data in model space ``[B, ...]`` (dequantized for bits/dim).
+        sigma_min, sigma_max: the integration range, ``0 < sigma_min < sigma_max``.
+        rtol, atol: RK45 tolerances (score_sde: 1e-5).
+        divergence: ``"hutchinson"`` (Skilling 1989, Hutchinson 1990) or ``"exact"`` (D VJPs; low dimension).
+        probes: Hutchinson probes averaged per evaluation, drawn once per call (``probe`` kind,
+            Rademacher or standard normal, from ``generator``).
+    Returns:
+        ``(log_prob [B] float64 nats, info)`` with ``info["nfe"]`` (denoiser evaluations, each on the
+        whole batch), ``info["x_prior"]`` (the ODE end point ``[B, ...]``) and ``info["prior_logp"]``.
+    """
+    if not (
+        isinstance(sigma_min, (int, float))
+        and isinstance(sigma_max, (int, float))
+        and 0 < sigma_min < sigma_max
+    ):
+        raise ValueError(
+            f"likelihood: sigma_min={sigma_min!r}, sigma_max={sigma_max!r}; allowed: 0 < sigma_min < "
+            "sigma_max"
+        )
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"likelihood.divergence={divergence!r} is not known; allowed: {DIVERGENCES}")
+    if probe not in PROBES:
+        raise ValueError(f"likelihood.probe={probe!r} is not known; allowed: {PROBES}")
+    if not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"likelihood.probes={probes!r} is invalid; allowed: an integer >= 1")
+    x = x.to(torch.float64)
+    shape, batch, device = x.shape, x.shape[0], x.device
+    probe_vectors = None
+    if divergence == "hutchinson":
+        v = torch.randn(
+            (probes, *shape),
+            generator=generator,
+            dtype=torch.float64,
+            device=generator.device if generator is not None else device,
+        ).to(device)
+        probe_vectors = v.sign() if probe == "rademacher" else v
+    cond = cond if labels is None else {**cond, "labels": labels}
+    f = _divergence_fn(denoiser, divergence, probe_vectors, cond)
+    nfe = 0
+
+    def rhs(sigma: float, state: np.ndarray) -> np.ndarray:
+        nonlocal nfe
+        nfe += 1
+        xs = torch.from_numpy(state[:-batch]).to(device).reshape(shape)
+        drift, div = f(xs, float(sigma))
+        return np.concatenate([drift.cpu().numpy().ravel(), -div.cpu().numpy()])  # d logp / dsigma = -div
+
+    state0 = np.concatenate([x.cpu().numpy().ravel(), np.zeros(batch)])
+    sol = solve_ivp(rhs, (sigma_min, sigma_max), state0, method="RK45", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"likelihood: RK45 failed ({sol.message})")
+    end = sol.y[:, -1]
+    x_prior = torch.from_numpy(end[:-batch]).reshape(shape)
+    delta_logp = torch.from_numpy(end[-batch:])  # log p(x_max; sigma_max) - log p(x; sigma_min) = -int div
+    d = x[0].numel()
+    prior_logp = -0.5 * d * math.log(2 * math.pi * sigma_max**2) - x_prior.flatten(1).pow(2).sum(1) / (
+        2 * sigma_max**2
+    )
+    log_prob = prior_logp - delta_logp
+    return log_prob.to(device), {
+        "nfe": nfe,
+        "x_prior": x_prior.to(device),
+        "prior_logp": prior_logp.to(device),
+    }
+
+
+def dequantize(
+    x_int: torch.Tensor, *, scale: float, offset: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Uniform dequantization into model space: ``z = scale * (x_int + u) + offset``, ``u ~ U[0, 1)^d``
+    (float64, ``[B, ...]``). EDM data: ``scale = 1/127.5``, ``offset = -1``; score_sde centred:
+    ``scale = 2/256``, ``offset = -1``."""
+    u = torch.rand(
+        x_int.shape,
+        generator=generator,
+        dtype=torch.float64,
+        device=generator.device if generator is not None else x_int.device,
+    ).to(x_int.device)
+    return scale * (x_int.to(torch.float64) + u) + offset
+
+
+def bits_per_dim(log_prob: torch.Tensor, dim: int, *, scale: float) -> torch.Tensor:
+    """``-log p(z) / (d ln 2) - log2(scale)`` (MATH.md §6.9): the density of ``z = scale * (x + u) + b``
+    in bits per dimension of the integer data (``-log2(scale)`` = 7 for /256 data mapped to [-1, 1],
+    ``log2(127.5)`` = 6.9944 for EDM's ``/127.5 - 1``)."""
+    check = isinstance(scale, (int, float)) and scale > 0
+    if not check:
+        raise ValueError(f"likelihood.scale={scale!r} is invalid; allowed: the transform's scale a > 0")
+    return -log_prob / (dim * math.log(2)) - math.log2(scale)
+
+
+def ode_bits_per_dim(
+    denoiser,
+    x_int: torch.Tensor,
+    *,
+    scale: float,
+    offset: float,
+    sigma_min: float,
+    sigma_max: float,
+    passes: int = 1,
+    generator: torch.Generator | None = None,
+    **ode_kwargs,
+) -> tuple[torch.Tensor, dict]:
+    """ODE bits/dim of integer data ``x_int [B, ...]`` averaged over ``passes`` dequantizations
+    (score_sde: 5 passes over the test split). ``scale``/``offset`` are the data transform's ``a``, ``b``
+    (``z = a x_int + b``). Returns ``(bpd [B] float64, info)`` with ``info["nfe"]`` (per pass, summed)
+    and ``info["nfe_per_image"]`` (denoiser evaluations per image, batch evaluations counted once each)."""
+    if not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"likelihood.passes={passes!r} is invalid; allowed: an integer >= 1")
+    bpd, nfe = 0.0, 0
+    for _ in range(passes):
+        z = dequantize(x_int, scale=scale, offset=offset, generator=generator)
+        log_prob, info = log_likelihood(
+            denoiser, z, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, **ode_kwargs
+        )
+        bpd = bpd + bits_per_dim(log_prob, x_int[0].numel(), scale=scale) / passes
+        nfe += info["nfe"]
+    return bpd, {"nfe": nfe, "nfe_per_image": nfe, "passes": passes}
+
+
+# --- discrete VLB (Ho et al. 2020 eq. 5; Nichol & Dhariwal 2021 eqs. 4-7, 15) ------------------------------
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, nats."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def _discretized_gaussian_log_likelihood(
+    x0, mean, log_scale, *, half_width: float, low: float, high: float
+) -> torch.Tensor:
+    """log P(bin of x0) under N(mean, e^{2 log_scale}), bins ``x0 +- half_width``, the edge bins extended
+    to -inf / +inf (Ho et al. 2020 eq. 13), elementwise, nats."""
+    normal = torch.distributions.Normal(mean, torch.exp(log_scale))
+    cdf_hi = torch.where(x0 > high - half_width, torch.ones_like(x0), normal.cdf(x0 + half_width))
+    cdf_lo = torch.where(x0 < low + half_width, torch.zeros_like(x0), normal.cdf(x0 - half_width))
+    # Far in a tail the difference of CDFs underflows: use log-density * width there.
+    log_mass = torch.log((cdf_hi - cdf_lo).clamp(min=1e-300))
+    return torch.where(cdf_hi - cdf_lo > 1e-12, log_mass, normal.log_prob(x0) + math.log(2 * half_width))
+
+
+def _prediction(denoiser, x_sigma, sigma, labels, learned: bool, channels: int):
+    """``(D(x; sigma), v or None)``: the learned-variance channels ``v`` come from the same backbone call
+    (iDDPM's 2C-channel output; needs a :class:`Denoiser`)."""
+    if not learned:
+        return denoiser(x_sigma, sigma, **({} if labels is None else {"labels": labels})), None
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError(
+            "likelihood.variance='learned' needs a lightning_diff Denoiser (its backbone's extra "
+            "channels hold the variance)"
+        )
+    _, c_skip, c_out, c_in, c_noise = denoiser.precondition(x_sigma, sigma)
+    out = denoiser.backbone((c_in * x_sigma).to(denoiser._backbone_dtype(x_sigma)), c_noise, labels).to(
+        x_sigma.dtype
+    )
+    if out.shape[1] != 2 * channels:
+        raise ValueError(
+            f"likelihood.variance='learned': the backbone gives {out.shape[1]} channels; "
+            f"allowed: 2 x {channels} (prediction and variance)"
+        )
+    return c_skip * x_sigma + c_out * out[:, :channels], out[:, channels:]
+
+
+@torch.no_grad()
+def vlb_bits_per_dim(
+    denoiser,
+    x_int: torch.Tensor,
+    formulation,
+    *,
+    scale: float,
+    offset: float,
+    variance: str = "fixed_small",
+    clip_denoised: bool = True,
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The discrete variational bound ``L_T + sum_{t>1} L_{t-1} + L_0`` in bits/dim (iDDPM ``calc_bpd_loop``).
+
+    Args:
+        denoiser: ``denoiser(x, sigma, labels) -> D`` in the sigma-frame (``x_t = sqrt(abar_t) x``).
+        x_int: integer data ``[B, C, ...]``; ``x_0 = scale * x_int + offset`` (no dequantization).
+        formulation: a ``ddpm`` formulation (``.betas``, ``.alphas_cumprod``): linear (Ho et al.) or
+            cosine (Nichol & Dhariwal) schedule; all T terms are evaluated (T network calls per image).
+        variance: ``"fixed_small"`` (posterior variance beta~_t), ``"fixed_large"`` (beta_t) or
+            ``"learned"`` (iDDPM eq. 15: ``exp(v log beta + (1 - v) log beta~)``, v = (out + 1) / 2 from
+            the backbone's extra C channels).
+        clip_denoised: clip the predicted x_0 to the data range (iDDPM's evaluation default).
+    Returns:
+        ``(bpd [B] float64, info)`` with ``info["prior_bpd"]``, ``info["terms_bpd"]`` ``[T, B]`` (index t
+        0-based: L_0 decoder, then the KL terms) and ``info["nfe"]`` (= T).
+    """
+    if not hasattr(formulation, "alphas_cumprod"):
+        raise ValueError(
+            f"likelihood.vlb: formulation {getattr(formulation, 'name', formulation)!r} has no "
+            "betas; allowed: a 'ddpm' formulation (formulations.get('ddpm', beta_schedule=...))"
+        )
+    if variance not in VARIANCES:
+        raise ValueError(f"likelihood.variance={variance!r} is not known; allowed: {VARIANCES}")
+    device = x_int.device
+    betas = formulation.betas.to(device, torch.float64)
+    abar = formulation.alphas_cumprod.to(device, torch.float64)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    T = betas.numel()
+    post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t (Ho et al. eq. 7)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # clipped at t = 0, as iDDPM
+    large_logvar = torch.log(torch.cat([post_var[1:2], betas[1:]]))
+    coef_x0 = betas * abar_prev.sqrt() / (1 - abar)
+    coef_xt = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+
+    x0 = scale * x_int.to(torch.float64) + offset
+    low, high, half_width = offset, scale * 255 + offset, scale / 2
+    B, C = x0.shape[:2]
+    d = x0[0].numel()
+    terms = torch.zeros(T, B, dtype=torch.float64, device=device)
+    for t in range(T):
+        noise = torch.randn(
+            x0.shape,
+            generator=generator,
+            dtype=torch.float64,
+            device=generator.device if generator is not None else device,
+        ).to(device)
+        x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise
+        sigma_t = ((1 - abar[t]) / abar[t]).sqrt().expand(B)
+        pred_x0, v = _prediction(denoiser, x_t / abar[t].sqrt(), sigma_t, labels, variance == "learned", C)
+        pred_x0 = pred_x0.to(torch.float64)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(low, high)
+        mean = coef_x0[t] * pred_x0 + coef_xt[t] * x_t
+        if variance == "learned":
+            frac = (v.to(torch.float64) + 1) / 2
+            logvar = frac * torch.log(betas[t]) + (1 - frac) * post_logvar[t]
+        else:
+            logvar = (post_logvar if variance == "fixed_small" else large_logvar)[t].expand_as(mean)
+        if t == 0:
+            nats = -_discretized_gaussian_log_likelihood(
+                x0, mean, 0.5 * logvar, half_width=half_width, low=low, high=high
+            )
+        else:
+            true_mean = coef_x0[t] * x0 + coef_xt[t] * x_t
+            nats = _normal_kl(true_mean, post_logvar[t].expand_as(mean), mean, logvar)
+        terms[t] = nats.flatten(1).sum(1) / (d * math.log(2))
+    mean_T = abar[-1].sqrt() * x0
+    prior = _normal_kl(
+        mean_T, torch.log(1 - abar[-1]).expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)
+    )
+    prior_bpd = prior.flatten(1).sum(1) / (d * math.log(2))
+    return terms.sum(0) + prior_bpd, {"prior_bpd": prior_bpd, "terms_bpd": terms, "nfe": T}

@@ -1,0 +1,96 @@
+"""Reference statistics cached on disk, keyed by dataset, split, resolution and extractor.
+
+An entry is one ``.npz`` file under ``<cache_dir>/reference/``: the pool3 :class:`FeatureStats` (FID),
+optionally the pool3 and VGG16 features themselves (KID and precision/recall need them), and the
+extractor identity it was computed with, which is checked on every load. Writes are atomic
+(temporary file + ``os.replace``), so concurrent jobs never read half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .extractor import default_cache_dir
+from .stats import FeatureStats
+
+__all__ = ["ReferenceStats", "reference_key", "reference_path", "save_reference", "load_reference"]
+
+
+@dataclass
+class ReferenceStats:
+    """Everything the metrics need from a reference set.
+
+    Attributes:
+        stats: pool3 moments (FID).
+        extractor: identity of the Inception extractor and weights (``extractor.extractor_id``).
+        pool3: ``[N, 2048]`` float32 features for KID, or None.
+        vgg16: ``[N, 4096]`` float32 features for precision/recall, or None.
+        meta: free-form description (dataset, split, resolution, number of images).
+    """
+
+    stats: FeatureStats
+    extractor: str
+    pool3: torch.Tensor | None = None
+    vgg16: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def reference_key(dataset: str, split: str, resolution: int, extractor: str) -> str:
+    """The cache key ``"<dataset>-<split>-<resolution>px-<extractor>"`` (file-name safe)."""
+    for name, value in (("dataset", dataset), ("split", split)):
+        if not value or not re.fullmatch(r"[\w.]+", value):
+            raise ValueError(f"reference {name}={value!r} is invalid; allowed: letters, digits, '_' and '.'")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"reference resolution={resolution!r} is invalid; allowed: an integer >= 1")
+    safe_extractor = re.sub(r"[^\w.@-]", "_", extractor)
+    return f"{dataset}-{split}-{resolution}px-{safe_extractor}"
+
+
+def reference_path(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "reference" / f"{key}.npz"
+
+
+def save_reference(key: str, ref: ReferenceStats, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``ref`` under ``key`` atomically; returns the path. No collective: rank 0 alone may call it."""
+    path = reference_path(key, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"stats_{k}": v for k, v in ref.stats.state_dict().items()}
+    arrays.update(
+        {name: getattr(ref, name).numpy() for name in ("pool3", "vgg16") if getattr(ref, name) is not None}
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, extractor=np.array(ref.extractor), meta=np.array(json.dumps(ref.meta)), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference(key: str, extractor: str, cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
+    """Load the entry ``key``; ``ValueError`` when it is missing or was made with another extractor."""
+    path = reference_path(key, cache_dir)
+    if not path.is_file():
+        raise ValueError(
+            f"reference={key!r}: no cached statistics at {path}; compute them once with "
+            "lightning_diff.metrics.cache_reference(images, key=...) or pass the reference images"
+        )
+    with np.load(path) as data:
+        stored = str(data["extractor"])
+        if stored != extractor:
+            raise ValueError(
+                f"reference={key!r} was computed with extractor {stored}, not {extractor}; "
+                "recompute it with the current metrics.inception_weights"
+            )
+        stats = FeatureStats.from_state_dict(
+            {k.removeprefix("stats_"): data[k] for k in data.files if k.startswith("stats_")}
+        )
+        feats = {
+            name: torch.from_numpy(data[name]) if name in data.files else None for name in ("pool3", "vgg16")
+        }
+        meta = json.loads(str(data["meta"]))
+    return ReferenceStats(stats, stored, feats["pool3"], feats["vgg16"], meta)
