@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m lightning_diff.train experiment=edm_digits
+	$(PY) -m lightning_diff.train experiment=edm_digits
+	$(PY) experiments/edm_digits/check_digits.py
 
 test: install
 	$(PYTEST) -m "not slow" -q

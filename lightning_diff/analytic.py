@@ -33,7 +33,8 @@ class GaussianMixture:
         self.means = means.reshape(1, -1) if means.ndim == 1 else means
         K, D = self.means.shape
         self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
-        weights = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = torch.ones(K) if weights is None else torch.as_tensor(weights)
+        weights = weights.to(torch.float64)
         if (self.stds < 0).any() or (weights < 0).any():
             raise ValueError("GaussianMixture: stds and weights must be >= 0")
         self.weights = weights / weights.sum()

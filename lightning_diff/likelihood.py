@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from .data.transforms import DataTransform, dequantize
 from .denoiser import Denoiser
 
 __all__ = [
     "log_likelihood",
-    "dequantize",
     "bits_per_dim",
     "ode_bits_per_dim",
     "vlb_bits_per_dim",
@@ -151,21 +151,6 @@ def log_likelihood(
     }
 
 
-def dequantize(
-    x_int: torch.Tensor, *, scale: float, offset: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Uniform dequantization into model space: ``z = scale * (x_int + u) + offset``, ``u ~ U[0, 1)^d``
-    (float64, ``[B, ...]``). EDM data: ``scale = 1/127.5``, ``offset = -1``; score_sde centred:
-    ``scale = 2/256``, ``offset = -1``."""
-    u = torch.rand(
-        x_int.shape,
-        generator=generator,
-        dtype=torch.float64,
-        device=generator.device if generator is not None else x_int.device,
-    ).to(x_int.device)
-    return scale * (x_int.to(torch.float64) + u) + offset
-
-
 def bits_per_dim(log_prob: torch.Tensor, dim: int, *, scale: float) -> torch.Tensor:
     """``-log p(z) / (d ln 2) - log2(scale)`` (MATH.md §6.9): the density of ``z = scale * (x + u) + b``
     in bits per dimension of the integer data (``-log2(scale)`` = 7 for /256 data mapped to [-1, 1],
@@ -196,7 +181,7 @@ def ode_bits_per_dim(
         raise ValueError(f"likelihood.passes={passes!r} is invalid; allowed: an integer >= 1")
     bpd, nfe = 0.0, 0
     for _ in range(passes):
-        z = dequantize(x_int, scale=scale, offset=offset, generator=generator)
+        z = dequantize(x_int, generator, DataTransform(scale=scale, offset=offset), dtype=torch.float64)
         log_prob, info = log_likelihood(
             denoiser, z, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, **ode_kwargs
         )

@@ -73,7 +73,7 @@ class DiffusionModule(pl.LightningModule):
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_buckets))
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
         if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps} is invalid; allowed: an integer >= 1")
+            raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps} is invalid; allowed: an integer > 0")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0  # optimizer steps skipped for non-finite gradients, whole run
         self._nonfinite_in_a_row = 0
@@ -118,7 +118,7 @@ class DiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         """Skip an update whose gradients are not finite (MATH.md §4.7): drop them (the optimizer then
         leaves every parameter and its state alone), count, log ``train/nonfinite_steps``, and stop after
-        ``max_nonfinite_steps`` in a row. Runs after DDP's all-reduce and AMP's unscale, so all ranks agree."""
+        ``max_nonfinite_steps`` in a row. Runs after DDP's all-reduce and AMP's unscale: all ranks agree."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads or torch.nn.utils.get_total_norm(grads).isfinite():
             self._nonfinite_in_a_row = 0
@@ -131,8 +131,8 @@ class DiffusionModule(pl.LightningModule):
             raise FloatingPointError(
                 f"{self._nonfinite_in_a_row} optimizer steps in a row had non-finite gradients (step "
                 f"{self.global_step}, {self.nonfinite_steps} in all); training stopped. Lower optimizer.lr, "
-                f"clip gradients (trainer.gradient_clip_val) or use precision=bf16-mixed/32-true; the limit is "
-                f"module.max_nonfinite_steps={self.max_nonfinite_steps}")
+                f"clip gradients (trainer.gradient_clip_val) or use precision=bf16-mixed/32-true; the limit "
+                f"is module.max_nonfinite_steps={self.max_nonfinite_steps}")
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

@@ -34,7 +34,7 @@ def compare_samples_figure(sweep_dir: str | Path, out: str | Path, key: str = "f
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, job in zip(axes.flat, jobs):
+    for ax, job in zip(axes.flat, jobs, strict=False):
         cfg = OmegaConf.load(job / ".hydra/config.yaml")
         arrays = np.load(job / "samples.npz")
         samples, data = arrays["samples"], arrays["reference"] if "reference" in arrays else None

@@ -9,9 +9,9 @@ import torch
 
 from lightning_diff import formulations
 from lightning_diff.analytic import GaussianMixture
+from lightning_diff.data.transforms import DataTransform, dequantize
 from lightning_diff.likelihood import (
     bits_per_dim,
-    dequantize,
     log_likelihood,
     ode_bits_per_dim,
     vlb_bits_per_dim,
@@ -97,7 +97,7 @@ def test_bits_per_dim_offsets_and_dequantized_ode():
     expected = (
         sum(
             bits_per_dim(
-                gm.log_prob(dequantize(x_int, scale=scale, offset=offset, generator=g), SIGMA_MIN),
+                gm.log_prob(dequantize(x_int, g, DataTransform(scale, offset), dtype=torch.float64), SIGMA_MIN),
                 d,
                 scale=scale,
             )

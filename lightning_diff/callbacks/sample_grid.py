@@ -69,7 +69,8 @@ class SampleGrid(pl.Callback):
     Runs when training ends (with the EMA weights when an EMA callback copied them into the module) and,
     when ``every_n_epochs > 0``, at the end of every n-th validation epoch (EMA weights are swapped in
     during validation). Writes ``dirpath/samples.png`` (or ``samples_epoch{E}.png``) and the samples as
-    ``.npz`` (key ``samples``, float model space; ``images``, uint8, for image data; ``reference``, held-out points, for 2-D data), and logs the PNG to W&B.
+    ``.npz`` (key ``samples``, float model space; ``images``, uint8, for image data; ``reference``,
+    held-out points, for 2-D data), and logs the PNG to W&B.
     """
 
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, dirpath: str = ".", steps: int | None = None):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
@@ -41,6 +44,9 @@ class ImageFolderDataModule(ImageDataModule):
                                     "root/<class>/<image files> (one subfolder per class, or a single "
                                     "subfolder for unconditional data)") from None
         self.root, self.resolution = root, resolution
+        # The name keys cached reference statistics: two folders must never share it.
+        digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
+        self.name = f"imagefolder-{Path(root).resolve().name}-{digest}"
         self.data_shape = (3, resolution, resolution)
         self.num_classes = len(classes)
 

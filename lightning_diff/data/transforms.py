@@ -63,12 +63,14 @@ def to_uint8(x: torch.Tensor, transform: DataTransform = EDM_PIXELS) -> torch.Te
 
 
 def dequantize(x_int: torch.Tensor, generator: torch.Generator | None = None,
-               transform: DataTransform = EDM_PIXELS) -> torch.Tensor:
-    """Uniform dequantisation ``z = scale * (x_int + u) + offset``, ``u ~ U[0, 1)`` per element (float32,
-    x_int's shape). The density of ``z`` and of ``x_int`` differ by ``bpd_offset(transform)`` bits/dim."""
+               transform: DataTransform = EDM_PIXELS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform dequantisation ``z = scale * (x_int + u) + offset``, ``u ~ U[0, 1)`` per element (``dtype``,
+    x_int's shape; ``u`` is drawn on the generator's device). The density of ``z`` and of ``x_int`` differ by
+    ``bpd_offset(transform)`` bits/dim."""
     _require_integer(transform, "dequantize")
-    u = torch.rand(x_int.shape, generator=generator, device=x_int.device)
-    return (x_int.to(torch.float32) + u) * transform.scale + transform.offset
+    device = generator.device if generator is not None else x_int.device
+    u = torch.rand(x_int.shape, generator=generator, dtype=dtype, device=device).to(x_int.device)
+    return (x_int.to(dtype) + u) * transform.scale + transform.offset
 
 
 def bpd_offset(transform: DataTransform = EDM_PIXELS) -> float:

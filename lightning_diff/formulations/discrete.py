@@ -74,6 +74,10 @@ class DDPM(DiscreteFormulation):
         self.beta_start, self.beta_end, self.cosine_s, self.max_beta = beta_start, beta_end, cosine_s, max_beta
         self.spacing = spacing
         self.betas = self._make_betas()
+        if float(self.betas.max()) >= 1:
+            raise ValueError(f"{setting}: the {beta_schedule} schedule with num_timesteps={num_timesteps} reaches "
+                             f"beta={float(self.betas.max()):.4g} (linear betas are scaled by 1000/T); allowed: all "
+                             "betas < 1 (more timesteps or a smaller beta_end)")
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # abar_i, i = 0..T-1
         self.grid = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().flip(0)  # decreasing
         self.sigma_min, self.sigma_max = float(self.grid[-1]), float(self.grid[0])

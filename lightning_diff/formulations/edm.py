@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..sampling.schedules import karras_sigmas
 from .base import Formulation, check_positive, check_range
 

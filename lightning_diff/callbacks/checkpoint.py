@@ -1,0 +1,109 @@
+"""``RunState``: the parts of a run that Lightning's checkpoint leaves out, so ``ckpt_path=last`` continues
+the same trajectory and the same W&B run (MATH.md §4.5).
+
+- Random streams per rank: at ``setup`` every rank seeds torch, numpy and ``random`` with
+  ``seed * world_size + rank`` (NVlabs/edm ``training_loop.py``), so ranks draw different noise levels and
+  noise for their different data, and a run is a function of (seed, world size).
+- Checkpoints hold ``rng_states`` (one entry per rank: torch CPU and CUDA, numpy, python) and
+  ``wandb_run_id``; on resume each rank gets its own states back just before the first training step.
+The data-loader position is saved by Lightning through ``checkpoint_io.ResumableDataLoader``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
+
+__all__ = ["RunState", "rng_states", "set_rng_states", "resolve_ckpt_path", "saved_wandb_run_id"]
+
+
+def rng_states() -> dict:
+    """This process's random states: torch (CPU, every CUDA device), numpy and python's ``random``, as
+    tensors and tuples that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what ``rng_states`` returned."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunState(pl.Callback):
+    """Seeds each rank, checkpoints every rank's random states and the W&B run id, restores them.
+
+    Args:
+        seed: the run's seed (``${seed}``); rank r of W uses ``seed * W + r``.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._states_to_restore: dict | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # not pl.seed_everything: it would also set PL_GLOBAL_SEED, which seeds
+            # Lightning's DistributedSampler shuffle, and shards must be shuffled alike on every rank
+            seed = self.seed * trainer.world_size + trainer.global_rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            gathered = [None] * trainer.world_size  # every rank saves (Lightning dumps on all ranks)
+            torch.distributed.all_gather_object(gathered, states)
+            states = gathered
+        else:
+            states = [states]
+        checkpoint["rng_states"] = states
+        run_ids = [logger.version for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        checkpoint["wandb_run_id"] = run_ids[0] if run_ids else None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            rank_zero_warn("RunState: the checkpoint holds no rng_states; the resumed run draws fresh noise")
+        elif len(states) != trainer.world_size:
+            rank_zero_warn(f"RunState: the checkpoint holds random states of {len(states)} ranks, this run "
+                           f"has {trainer.world_size}; each rank keeps its fresh seed (another trajectory)")
+        else:
+            self._states_to_restore = states[trainer.global_rank]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._states_to_restore is not None:
+            set_rng_states(self._states_to_restore)
+            self._states_to_restore = None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> str | None:
+    """``ckpt_path`` as a file path: ``"last"`` means ``checkpoint_dir/last.ckpt`` when it exists (None
+    when not: a first run, or a requeued job before its first checkpoint, starts from scratch)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    if checkpoint_dir is None:
+        raise ValueError("ckpt_path=last needs callbacks.checkpoint.dirpath (the folder holding last.ckpt)")
+    last = Path(checkpoint_dir) / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def saved_wandb_run_id(ckpt_path: str | None) -> str | None:
+    """The W&B run id stored in a checkpoint written with ``RunState`` (read memory-mapped: no tensor
+    data is loaded), or None."""
+    if ckpt_path is None:
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint.get("wandb_run_id")

@@ -1,0 +1,141 @@
+"""``GenerativeMetrics`` (FID/IS/KID/PR) and ``BitsPerDim``: evaluation during and at the end of training.
+
+Both run every ``every_n_epochs`` validation epochs (on the EMA weights, which Lightning's
+``WeightAveraging`` swaps in for validation) and when training ends (after an ``EMA`` callback listed
+before them copied the average into the module). Every rank runs them: each generates its shard of the
+seeds or scores its shard of the images, and the statistics are all-reduced inside
+``lightning_diff.evaluate`` (no collective sits in rank-zero-only code). Values are logged as
+``metrics/<name>``; the protocol goes into the W&B run summary (``metrics/<callback>/protocol``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+
+from .ema import EMA
+
+__all__ = ["GenerativeMetrics", "BitsPerDim"]
+
+
+class _PeriodicEvaluation(pl.Callback):
+    """Runs ``measure(trainer, module) -> (values, protocol)`` every n-th validation epoch and at fit end.
+
+    Attributes ``history``: one ``{"epoch", "step", "weights", "values", "protocol"}`` per evaluation."""
+
+    key = "evaluation"  # W&B summary key of the protocol
+
+    def __init__(self, every_n_epochs: int = 0, at_fit_end: bool = True):
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(f"{self.key}.every_n_epochs={every_n_epochs!r} is invalid; allowed: an integer >= 0 "
+                             "(0 = only when training ends)")
+        self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
+        self.history: list[dict] = []
+
+    def measure(self, trainer, module, weights: str) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def _weights(self, trainer, at_fit_end: bool) -> str:
+        """``"ema"`` when an EMA callback evaluating with the average has put it in the module: always during
+        validation, and at fit end when that callback comes before this one (it copies the average then)."""
+        callbacks = list(trainer.callbacks)
+        emas = [i for i, cb in enumerate(callbacks) if isinstance(cb, EMA) and cb.evaluate_with == "ema"]
+        if not emas or (at_fit_end and emas[0] > callbacks.index(self)):
+            return "raw"
+        return "ema"
+
+    def _evaluate(self, trainer, module, at_fit_end: bool) -> dict:
+        weights = self._weights(trainer, at_fit_end)
+        values, protocol = self.measure(trainer, module, weights)
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "weights": weights,
+                  "values": values, "protocol": protocol}
+        self.history.append(record)
+        if trainer.is_global_zero:  # no collective below: summaries and files only
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary.update({f"metrics/{self.key}/protocol": protocol,
+                                                      **{f"metrics/{k}": v for k, v in values.items()}})
+        return values
+
+    def on_validation_epoch_end(self, trainer, module):
+        epoch = trainer.current_epoch
+        if self.every_n_epochs > 0 and not trainer.sanity_checking and (epoch + 1) % self.every_n_epochs == 0:
+            for name, value in self._evaluate(trainer, module, at_fit_end=False).items():
+                module.log(f"metrics/{name}", value)  # the same value on every rank: no sync needed
+
+    def on_train_end(self, trainer, module):
+        if self.at_fit_end:
+            values = self._evaluate(trainer, module, at_fit_end=True)
+            for logger in trainer.loggers:  # self.log is not allowed here; loggers write on rank zero only
+                logger.log_metrics({f"metrics/{k}": v for k, v in values.items()}, step=trainer.global_step)
+
+
+class GenerativeMetrics(_PeriodicEvaluation):
+    """FID, IS, KID and precision/recall of the module's samples against a split of the training data.
+
+    Args:
+        metrics: any of ``fid``, ``is``, ``kid``, ``pr`` (logged as ``metrics/fid``, ``metrics/is_mean``...).
+        every_n_epochs: evaluate at the end of every n-th validation epoch (0 = only at fit end).
+        at_fit_end: evaluate when training ends.
+        num_images, seed, seed_sets: generated images per seed set, first seed, seed sets (EDM: min of 3).
+        sampler, steps, sampler_options, guidance, sampling_batch_size: this callback's own sampler.
+        reference, reference_num_images: reference split (statistics cached) and an optional image limit.
+        inception_weights, batch_size, cache_dir, options: as ``configs/evaluate.yaml``'s ``metrics`` node
+            (``options``: per-metric settings such as ``{"fid": {"method": "eigvals"}}``).
+    """
+
+    key = "generative_metrics"
+
+    def __init__(self, metrics: Sequence[str] = ("fid",), every_n_epochs: int = 0, at_fit_end: bool = True,
+                 num_images: int = 10_000, seed: int = 0, seed_sets: int = 1, sampler: str = "heun", steps: int = 18,
+                 sampler_options: dict | None = None, guidance: float = 1.0, sampling_batch_size: int = 64,
+                 reference: str = "train", reference_num_images: int | None = None, inception_weights="auto",
+                 batch_size: int = 64, cache_dir: str | None = None, options: dict | None = None):
+        super().__init__(every_n_epochs, at_fit_end)
+        from ..evaluate import SAMPLE_METRICS  # evaluate imports sample, which imports this package
+
+        self.metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        bad = [m for m in self.metrics if m not in SAMPLE_METRICS]
+        if bad or not self.metrics:
+            raise ValueError(f"generative_metrics.metrics={self.metrics!r}: unknown {bad}; allowed: any of "
+                             f"{list(SAMPLE_METRICS)} (bits/dim: the BitsPerDim callback)")
+        self.settings = dict(num_images=num_images, seed=seed, seed_sets=seed_sets, sampler=sampler, steps=steps,
+                             sampler_options=dict(sampler_options or {}), guidance=guidance,
+                             sampling_batch_size=sampling_batch_size, reference=reference,
+                             reference_num_images=reference_num_images, inception_weights=inception_weights,
+                             batch_size=batch_size, cache_dir=cache_dir, options=dict(options or {}))
+
+    def measure(self, trainer, module, weights: str) -> tuple[dict, dict]:
+        from ..evaluate import sample_quality
+
+        return sample_quality(module, trainer.datamodule, self.metrics, weights=weights, **self.settings)
+
+
+class BitsPerDim(_PeriodicEvaluation):
+    """Probability-flow ODE bits/dim on the test split (val when the data has none), logged as
+    ``metrics/bpd``; each rank scores its shard of the batches with the unwrapped module, sums all-reduced.
+
+    Args:
+        every_n_epochs, at_fit_end: when (as ``GenerativeMetrics``).
+        split, num_images, passes, batch_size, seed, rtol, atol, divergence, probes, probe, sigma_min,
+            sigma_max: as ``configs/metrics/bpd.yaml`` and ``evaluate.split_bits_per_dim``.
+    """
+
+    key = "bits_per_dim"
+
+    def __init__(self, every_n_epochs: int = 0, at_fit_end: bool = True, split: str = "test",
+                 num_images: int | None = None, passes: int = 1, batch_size: int = 64, seed: int = 0,
+                 rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "hutchinson", probes: int = 1,
+                 probe: str = "rademacher", sigma_min: float | None = None, sigma_max: float | None = None):
+        super().__init__(every_n_epochs, at_fit_end)
+        self.settings = dict(split=split, num_images=num_images, passes=passes, batch_size=batch_size, seed=seed,
+                             rtol=rtol, atol=atol, divergence=divergence, probes=probes, probe=probe,
+                             sigma_min=sigma_min, sigma_max=sigma_max)
+
+    def measure(self, trainer, module, weights: str) -> tuple[dict, dict]:
+        from ..evaluate import split_bits_per_dim
+
+        values, protocol = split_bits_per_dim(module, trainer.datamodule, **self.settings)
+        return values, {**protocol, "weights": weights}
