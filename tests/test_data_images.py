@@ -165,6 +165,15 @@ def test_imagefolder_center_crops_and_resizes(tmp_path):
     assert sorted(dm.train_set[i][1].item() for i in range(6)) == [0, 0, 0, 0, 1, 1]
 
 
+def test_imagefolders_have_distinct_names(tmp_path):
+    """The name keys cached FID reference statistics, so two folders must not share it."""
+    make_image_folder(tmp_path / "a" / "imgs")
+    make_image_folder(tmp_path / "b" / "imgs")
+    a, b = (ImageFolderDataModule(root=str(tmp_path / d / "imgs")) for d in ("a", "b"))
+    assert a.name != b.name and a.name.startswith("imagefolder-imgs-")
+    assert ImageFolderDataModule(root=str(tmp_path / "a" / "imgs")).name == a.name
+
+
 def test_imagefolder_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="no class folders found in root=.*<class>"):
         ImageFolderDataModule(root=str(tmp_path / "absent"))
@@ -188,5 +197,5 @@ def test_data_config_instantiates(option, tmp_path):
         cfg.data.root = str(tmp_path / "imgs")
     dm = instantiate(cfg.data)
     assert type(dm) is getattr(data, EXPECTED[option])
-    assert dm.name == option and isinstance(dm.data_shape, tuple) and dm.num_classes >= 1
+    assert dm.name.startswith(option) and isinstance(dm.data_shape, tuple) and dm.num_classes >= 1
     assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
