@@ -6,6 +6,7 @@ callbacks from their groups, trains, and writes a sample grid with the trained (
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 register_resolvers()
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -85,7 +87,12 @@ def main(cfg: DictConfig) -> float | None:
             if key in result:
                 print(f"{key}: {result[key]}")
     metric = cfg.get("optimized_metric")
-    return result.get(metric) if metric else None
+    if not metric:
+        return None
+    if metric not in result:
+        raise ValueError(f"optimized_metric={metric!r} was not logged by this run; allowed: {sorted(result)}")
+    log.info("optimized_metric %s: %.10g", metric, result[metric])
+    return result[metric]
 
 
 if __name__ == "__main__":

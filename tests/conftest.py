@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from .helpers import compose_config
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -11,3 +13,15 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory):
+    """A checkpoint of a 3-step EDM run on digits (tiny U-Net), written by ``lightning_diff.train``."""
+    from lightning_diff.train import train
+
+    out = tmp_path_factory.mktemp("digits_run")
+    cfg = compose_config("train", ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
+                                   "callbacks.sample_grid=null", "data=digits", "network.model_channels=8",
+                                   "trainer.max_steps=3", "data.batch_size=16"], out)
+    return train(cfg)["checkpoint"]

@@ -27,15 +27,6 @@ ODE = ["metrics.bpd.num_images=3", "metrics.bpd.batch_size=3", "metrics.bpd.rtol
 
 
 @pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
-                                   "callbacks.sample_grid=null", "data=digits", "network.model_channels=8",
-                                   "trainer.max_steps=3", "data.batch_size=16"], out)
-    return train(cfg)["checkpoint"]
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ld_cache"))
 

@@ -5,23 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from lightning_diff.builders import load_module
 from lightning_diff.sample import generate
-from lightning_diff.train import train
-
-from .helpers import compose_config
-
-
-@pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
-                                   "callbacks.sample_grid=null", "data=digits", "network.model_channels=8",
-                                   "trainer.max_steps=3", "data.batch_size=16"], out)
-    return train(cfg)["checkpoint"]
 
 
 def test_same_seed_same_images_whatever_the_batch_size(digits_ckpt):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from wandb.proto import wandb_internal_pb2
 
@@ -98,3 +99,33 @@ def test_wandb_sweep_parameters_are_hydra_overrides():
             assert OmegaConf.select(cfg, key) == value
         else:  # a config group
             assert cfg[key]["_target_"].startswith("lightning_diff.")
+
+
+def test_optuna_sweep_returns_the_optimised_metric(tmp_path):
+    """hparams_search=toy2d_optuna: two Optuna trials, each a training job whose return value (the
+    optimised metric) the sweeper records; the best value is the smaller of the two."""
+    sweep_dir = tmp_path / "optuna"
+    overrides = ["hparams_search=toy2d_optuna", "data=toy2d", "data.num_samples=256", "network=mlp",
+                 "network.hidden=16", "network.depth=1", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+                 "callbacks.sample_grid=null", "callbacks.progress=null", "logger=csv", "optimized_metric=train/loss",
+                 "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    losses = [float(line.split("optimized_metric train/loss:")[1]) for job in (0, 1)
+              for line in (sweep_dir / str(job) / "train.log").read_text().splitlines()
+              if "optimized_metric train/loss:" in line]
+    assert result["name"] == "optuna" and set(result["best_params"]) == {
+        "optimizer.lr", "callbacks.ema.decay.rampup_ratio", "data.batch_size"}
+    assert len(losses) == 2 and result["best_value"] == pytest.approx(min(losses), rel=1e-6)
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["launcher=slurm", "trainer=ddp"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8

@@ -115,3 +115,21 @@ def check_conditioning(net: nn.Module, labels: torch.Tensor | None,
         if augment_labels.shape[-1] != net.augment_dim:
             raise ValueError(f"{name}: augment_labels has {augment_labels.shape[-1]} entries per sample; "
                              f"allowed: augment_dim={net.augment_dim}")
+
+
+class ConditionEmbedding(nn.Module):
+    """The conditioning vector of the small backbones: positional embedding of ``c_noise`` through a
+    two-layer SiLU MLP, plus a class embedding (``LabelEmbedding``) when ``num_classes > 0``.
+    Maps ``c_noise [B]``, ``labels [B] or None`` -> ``[B, channels]``."""
+
+    def __init__(self, embed_channels: int, channels: int, num_classes: int = 0, label_dropout: float = 0.0):
+        super().__init__()
+        self.noise = nn.Sequential(PositionalEmbedding(embed_channels), nn.Linear(embed_channels, channels),
+                                   nn.SiLU(), nn.Linear(channels, channels))
+        self.label = LabelEmbedding(num_classes, channels, label_dropout) if num_classes else None
+
+    def forward(self, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.noise(c_noise)
+        if self.label is not None:
+            emb = emb + self.label(labels, emb.shape[0], emb.device)
+        return emb

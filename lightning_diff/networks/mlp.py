@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LabelEmbedding, PositionalEmbedding
+from .layers import ConditionEmbedding
 
 __all__ = ["MLP"]
 
@@ -25,9 +25,7 @@ class MLP(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.noise_embed = nn.Sequential(PositionalEmbedding(emb_channels), nn.Linear(emb_channels, hidden),
-                                         nn.SiLU(), nn.Linear(hidden, hidden))
-        self.label_embed = LabelEmbedding(num_classes, hidden, label_dropout) if num_classes else None
+        self.embed = ConditionEmbedding(emb_channels, hidden, num_classes, label_dropout)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -38,9 +36,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.noise_embed(c_noise)
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(labels, x.shape[0], x.device)
+        emb = self.embed(c_noise, labels)
         h = self.inp(x)
         for block in self.blocks:
             h = h + block(h + emb)

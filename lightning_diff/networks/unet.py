@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import LabelEmbedding, PositionalEmbedding
+from .layers import ConditionEmbedding
 
 __all__ = ["TinyUNet"]
 
@@ -73,9 +73,7 @@ class TinyUNet(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         emb = 4 * model_channels
-        self.noise_embed = nn.Sequential(PositionalEmbedding(model_channels), nn.Linear(model_channels, emb),
-                                         nn.SiLU(), nn.Linear(emb, emb))
-        self.label_embed = LabelEmbedding(num_classes, emb, label_dropout) if num_classes else None
+        self.embed = ConditionEmbedding(model_channels, emb, num_classes, label_dropout)
         self.inp = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         chans = [model_channels * m for m in channel_mult]
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
@@ -107,9 +105,7 @@ class TinyUNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.noise_embed(c_noise)
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(labels, x.shape[0], x.device)
+        emb = self.embed(c_noise, labels)
         h = self.inp(x)
         hs = [h]
         for layer in self.down:
