@@ -93,9 +93,10 @@ def build_module(cfg: DictConfig, datamodule) -> DiffusionModule:
 
 
 def build_logger(cfg: DictConfig, wandb_run_id: str | None = None):
-    """``cfg.logger``; a W&B logger continues run ``wandb_run_id`` when given (a resumed training)."""
+    """``cfg.logger``; a W&B logger continues run ``wandb_run_id`` when given (a resumed training).
+    ``~logger`` (no logger group) means no logger at all (False, so that Lightning does not add its default one)."""
     if not cfg.get("logger"):
-        return None
+        return False
     if wandb_run_id is not None and cfg.logger._target_.endswith("WandbLogger"):
         return hydra.utils.instantiate(cfg.logger, id=wandb_run_id, resume="allow")
     return hydra.utils.instantiate(cfg.logger)

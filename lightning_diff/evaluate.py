@@ -39,7 +39,7 @@ from .metrics import (
     shard,
 )
 from .metrics.extractor import INCEPTION_WEIGHTS_FILE
-from .sample import _device, generate
+from .sample import generate, resolve_device
 from .train import CONFIG_DIR
 
 __all__ = ["SAMPLE_METRICS", "LIKELIHOOD_METRICS", "selected_metrics", "default_inception_weights", "split_view",
@@ -295,7 +295,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation ``cfg`` (``configs/evaluate.yaml``) and write its JSON; returns the record
     ``{"checkpoint", "metrics", "protocol", "config", "path"}``."""
     names = selected_metrics(cfg.metrics)
-    module = load_module(cfg.ckpt, weights=cfg.weights).to(_device(cfg.device))
+    module = load_module(cfg.ckpt, weights=cfg.weights).to(resolve_device(cfg.device))
     if "vlb" in names:
         require_discrete(module.formulation)  # before any other work
     run_data = (module.run_config or {}).get("data")

@@ -35,7 +35,8 @@ class DiffusionModule(pl.LightningModule):
         conditional: pass class labels to the network (needs a network built with ``num_classes``).
         val_buckets: number of log-spaced noise-level buckets for the validation loss.
         sampler, sample_steps, sampler_options: what ``sample()`` uses by default (EDM's deterministic
-            Heun, 18 steps = 35 network evaluations).
+            Heun, 18 steps = 35 network evaluations); ``sample_steps=None`` takes the formulation's
+            ``default_sampling_steps`` (18, or NCSN's L levels).
         channels_last: store image backbones in channels_last memory format (faster convolutions).
         max_nonfinite_steps: optimizer steps in a row with non-finite gradients after which training
             stops with an error (each one is skipped, counted in ``nonfinite_steps`` and logged).
@@ -50,7 +51,7 @@ class DiffusionModule(pl.LightningModule):
         conditional: bool = False,
         val_buckets: int = 6,
         sampler: str = "heun",
-        sample_steps: int = 18,
+        sample_steps: int | None = 18,
         sampler_options: dict | None = None,
         channels_last: bool = False,
         max_nonfinite_steps: int = 20,  # fp16 loss scaling recovers from an overflow in a few steps
@@ -110,8 +111,10 @@ class DiffusionModule(pl.LightningModule):
         self.val_loss.reset()
         edges = self.bucket_edges.tolist()
         for k, metric in enumerate(self.val_bucket_loss):
-            if metric.weight.item() > 0:
-                self.log(f"val/loss_sigma_{edges[k]:.3g}-{edges[k + 1]:.3g}", metric.compute())
+            # compute() is a collective under DDP: every rank calls it, then skips buckets empty on all ranks.
+            value = metric.compute()
+            if torch.isfinite(value):
+                self.log(f"val/loss_sigma_{edges[k]:.3g}-{edges[k + 1]:.3g}", value)
             metric.reset()
 
     # --- optimisation -----------------------------------------------------------------------------------
@@ -165,7 +168,9 @@ class DiffusionModule(pl.LightningModule):
         from . import sampling
 
         shape = tuple(data_shape or self.hparams_data_shape())
-        sigmas = self.formulation.sampling_sigmas(steps or self.sample_steps) if sigmas is None else sigmas
+        if sigmas is None:
+            steps = steps or self.sample_steps or self.formulation.default_sampling_steps
+            sigmas = self.formulation.sampling_sigmas(steps)
         sigmas = sigmas.to(self.device, torch.float64)
         generator = sampling.PerSampleGenerator([int(s) for s in seeds])
         x = sampling.initial_noise(generator, shape, float(sigmas[0]), device=self.device)

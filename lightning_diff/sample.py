@@ -21,10 +21,11 @@ from .callbacks.sample_grid import save_image_grid, save_scatter
 from .data.transforms import EDM_PIXELS, to_uint8
 from .train import CONFIG_DIR
 
-__all__ = ["generate", "main"]
+__all__ = ["generate", "resolve_device", "main"]
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -54,7 +55,7 @@ def generate(module, seeds, *, batch_size: int, sampler: str, steps: int, option
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    module = load_module(cfg.ckpt, weights=cfg.weights).to(_device(cfg.device))
+    module = load_module(cfg.ckpt, weights=cfg.weights).to(resolve_device(cfg.device))
     seeds = range(cfg.seed, cfg.seed + cfg.num_samples)
     options = OmegaConf.to_container(cfg.sampler.options, resolve=True)
     samples, labels, stats = generate(module, seeds, batch_size=cfg.batch_size, sampler=cfg.sampler.name,

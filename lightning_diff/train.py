@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.last_model_path and Path(ckpt.last_model_path).exists():
         result["checkpoint"] = ckpt.last_model_path
-    if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
+    if logger and hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
         result["wandb_run"] = str(Path(logger.experiment.dir).parent)
     return result
 

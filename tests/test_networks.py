@@ -51,10 +51,10 @@ PAPER_SIZES = [
     ("ddpmpp_cifar10", 55.7, 1, "EDM (Karras et al. 2022) Table 7 / README, CIFAR-10 DDPM++"),
     ("ncsnpp_cifar10", 56.4, 1, "EDM Table 7 / README, CIFAR-10 NCSN++"),
     ("adm_imagenet64", 295.9, 1, "EDM Table 7, ImageNet-64 ADM"),
-    ("dit_s2", 33, 0, "DiT (Peebles & Xie 2023) model table: DiT-S/2 33M"),
-    ("dit_b2", 130, 0, "DiT model table: DiT-B/2 130M"),
-    ("dit_l2", 458, 0, "DiT model table: DiT-L/2 458M"),
-    ("dit_xl2", 675, 0, "DiT model table: DiT-XL/2 675M"),
+    ("dit_s2", 33, 0, "DiT-S/2 33M (configs of Peebles & Xie 2023 Table 1; params as in SiT, Ma et al. 2024, Table 1)"),
+    ("dit_b2", 130, 0, "DiT-B/2 130M (SiT Table 1)"),
+    ("dit_l2", 458, 0, "DiT-L/2 458M (SiT Table 1)"),
+    ("dit_xl2", 675, 0, "DiT-XL/2 675M (SiT Table 1)"),
 ]
 
 

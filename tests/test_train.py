@@ -26,6 +26,8 @@ def test_fast_dev_run_every_formulation(name, data, network, tmp_path):
         overrides += ["network.model_channels=8"]
     result = train(compose_config("train", overrides, tmp_path))
     assert math.isfinite(result["train/loss"]) and math.isfinite(result["val/loss"])
+    buckets = [k for k in result if k.startswith("val/loss_sigma_")]
+    assert buckets and all(math.isfinite(result[k]) for k in buckets)
     assert (tmp_path / "samples.png").exists()
 
 
@@ -78,3 +80,10 @@ def test_every_group_option_composes(group, tmp_path):
     for option in options:
         cfg = compose_config("train", [f"{group}={option}"], tmp_path)
         assert cfg[group] is not None
+
+
+def test_removed_logger_means_no_logger(tmp_path):
+    overrides = ["~logger", "callbacks.lr_monitor=null", "callbacks.progress=null", "callbacks.sample_grid=null",
+                 "++trainer.enable_progress_bar=false", "data=toy2d", "network=mlp", "++trainer.fast_dev_run=true"]
+    train(compose_config("train", overrides, tmp_path))
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "wandb").exists()

@@ -45,10 +45,12 @@ class Formulation:
         name: registry name (``edm``, ``vp``, ...).
         sigma_min, sigma_max: the noise range the network is trained and sampled on (floats).
         discrete: True when the network only knows a finite grid of noise levels.
+        default_sampling_steps: the grid length a sampler uses when none is asked for.
     """
 
     name: str = "base"
     discrete: bool = False
+    default_sampling_steps: int = 18  # EDM's 18 Heun steps (35 NFE), used when no step count is asked for
     sigma_min: float
     sigma_max: float
 

@@ -184,6 +184,11 @@ class NCSN(DiscreteFormulation):
     def config(self) -> dict:
         return {k: v for k, v in super().config().items() if not isinstance(v, torch.Tensor)}
 
+    @property
+    def default_sampling_steps(self) -> int:
+        """All L noise levels (annealed Langevin visits each once)."""
+        return self.num_levels
+
     def c_out(self, sigma):
         return sigma
 
