@@ -28,7 +28,7 @@ test-slow: install
 	$(PYTEST) -m slow -q
 
 lint: install
-	$(PY) -m ruff check lightning_diff tests benchmarks
+	$(PY) -m ruff check lightning_diff tests benchmarks experiments
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

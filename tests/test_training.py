@@ -123,7 +123,8 @@ def test_fp16_mixed_with_loss_scaling_on_gpu():
 
 def test_train_entry_with_accumulation_clipping_and_schedule(tmp_path):
     cfg = compose(["data=toy2d", "data.num_samples=512", "data.batch_size=32", "network=mlp",
-                   "network.hidden=16", "network.depth=1", "~logger", "callbacks.sample_grid=null",
+                   "network.hidden=16", "network.depth=1", "~logger", "callbacks.lr_monitor=null",
+                   "callbacks.sample_grid=null",
                    "callbacks.progress=null", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2",
                    "trainer.gradient_clip_val=0.5",
                    "lr_scheduler=edm_rampup", "lr_scheduler.warmup_steps=8", "optimizer=adamw",
