@@ -8,6 +8,7 @@ ODE bits/dim in denoiser evaluations per image on a Gaussian toy.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -36,7 +37,7 @@ class _Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def fid_throughput(n: int, device: str, cache: str) -> None:
+def fid_throughput(n: int, device: str, cache: str, repeats: int = 3) -> None:
     g = torch.Generator().manual_seed(0)
     gen = (torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8)
     ref = (torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8)
@@ -45,22 +46,28 @@ def fid_throughput(n: int, device: str, cache: str) -> None:
     extractors = Extractors.build(
         ("fid",), weights, device=device, cache_dir=cache
     )  # built once, as a callback would
-    t0 = time.perf_counter()
-    ours = compute_metrics(gen, ref, extractors=extractors, device=device, fid_method="eigvals")["fid"]
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    theirs = torch_fidelity.calculate_metrics(
-        input1=_Images(gen),
-        input2=_Images(ref),
-        fid=True,
-        feature_extractor=POOL3_EXTRACTOR,
-        feature_extractor_weights_path=converted,
-        cuda=device == "cuda",
-        cache=False,
-        save_cpu_ram=True,
-        verbose=False,
-    )["frechet_inception_distance"]
-    t_theirs = time.perf_counter() - t0
+    def ours_fid() -> float:
+        return compute_metrics(gen, ref, extractors=extractors, device=device, fid_method="eigvals")["fid"]
+
+    def theirs_fid() -> float:
+        return torch_fidelity.calculate_metrics(
+            input1=_Images(gen), input2=_Images(ref), fid=True, feature_extractor=POOL3_EXTRACTOR,
+            feature_extractor_weights_path=converted, cuda=device == "cuda", cache=False, save_cpu_ram=True,
+            verbose=False,
+        )["frechet_inception_distance"]
+
+    compute_metrics(gen[:4], ref[:4], extractors=extractors, device=device, fid_method="eigvals")  # warm-up
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(repeats):  # interleaved, median: both paths see the same machine state
+        for name, fn in (("ours", ours_fid), ("theirs", theirs_fid)):
+            t0 = time.perf_counter()
+            value = fn()
+            times[name].append(time.perf_counter() - t0)
+            if name == "ours":
+                ours = value
+            else:
+                theirs = value
+    t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
     print(
         f"FID on {n}+{n} images ({device}): ours {2 * n / t_ours:.2f} img/s (fid {ours:.4f}), torch-fidelity "
         f"{2 * n / t_theirs:.2f} img/s (fid {theirs:.4f}); ratio {t_theirs / t_ours:.2f}x; "
