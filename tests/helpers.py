@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from wandb.proto import wandb_internal_pb2
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -23,3 +26,48 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path):
         cfg.paths.output_dir = str(output_dir)
         del cfg["hydra"]
     return cfg
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf ``Record`` messages of a ``.wandb`` file.
+
+    The file is a LevelDB-style log (7-byte header ``:W&B``, magic, version; 32 KiB blocks of chunks with
+    a 7-byte header: crc32, length, type 1=full 2=first 3=middle 4=last). wandb 0.31 moved its reader
+    (``wandb.sdk.internal.datastore``) into its Go core, so these few lines read it here.
+    """
+    data, block = path.read_bytes(), 32 * 1024
+    assert data[:4] == b":W&B", path
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run_summary(path: Path) -> dict:
+    """Run id, group, name, git commit, config, history (key -> values) and exit of a ``.wandb`` file."""
+    run, config, history, exited = None, {}, {}, False
+    for record in read_wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
+        elif kind == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                history.setdefault(key, []).append(json.loads(item.value_json))
+        elif kind == "exit":
+            exited = True
+    return {"id": run.run_id, "group": run.run_group, "name": run.display_name, "commit": run.git.commit,
+            "config": config, "history": history, "exited": exited}

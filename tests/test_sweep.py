@@ -1,62 +1,17 @@
 """A 2-job Hydra multirun on toy2d: each job is its own offline W&B run in the experiment's group, with its
 own config and metrics, closed before the next job starts (read back from the runs' ``.wandb`` files)."""
 
-import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from wandb.proto import wandb_internal_pb2
+
+from .helpers import wandb_run_summary
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def read_wandb_records(path: Path) -> list:
-    """The protobuf ``Record`` messages of a ``.wandb`` file.
-
-    The file is a LevelDB-style log (7-byte header ``:W&B``, magic, version; 32 KiB blocks of chunks with
-    a 7-byte header: crc32, length, type 1=full 2=first 3=middle 4=last). wandb 0.31 moved its reader
-    (``wandb.sdk.internal.datastore``) into its Go core, so these few lines read it here.
-    """
-    data, block = path.read_bytes(), 32 * 1024
-    assert data[:4] == b":W&B", path
-    records, pending, pos = [], b"", 7
-    while pos + 7 <= len(data):
-        room = block - pos % block
-        if room < 7:  # a block's tail too short for a chunk header is padding
-            pos += room
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def _run_summary(path: Path) -> dict:
-    run, config, history, exited = None, {}, {}, False
-    for record in read_wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-        elif kind == "config":
-            config.update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
-        elif kind == "history":
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                history.setdefault(key, []).append(json.loads(item.value_json))
-        elif kind == "exit":
-            exited = True
-    return {"id": run.run_id, "group": run.run_group, "name": run.display_name, "commit": run.git.commit,
-            "config": config, "history": history, "exited": exited}
 
 
 def test_multirun_makes_one_wandb_run_per_job_in_one_group(tmp_path):
@@ -72,7 +27,7 @@ def test_multirun_makes_one_wandb_run_per_job_in_one_group(tmp_path):
                          capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
     files = [next((sweep_dir / str(job)).glob("wandb/offline-run-*/run-*.wandb")) for job in (0, 1)]
-    runs = [_run_summary(path) for path in files]
+    runs = [wandb_run_summary(path) for path in files]
     assert runs[0]["id"] != runs[1]["id"]
     assert [r["group"] for r in runs] == ["sweep_test", "sweep_test"]
     assert [r["config"]["optimizer"]["lr"] for r in runs] == [0.001, 0.002]

@@ -87,3 +87,29 @@ def test_removed_logger_means_no_logger(tmp_path):
                  "++trainer.enable_progress_bar=false", "data=toy2d", "network=mlp", "++trainer.fast_dev_run=true"]
     train(compose_config("train", overrides, tmp_path))
     assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_wandb_offline_run_holds_config_losses_lr_and_sample_grid(tmp_path, monkeypatch):
+    """Read the offline W&B run of a short training back from its .wandb records."""
+    from lightning_diff.train import finish_logging
+
+    from .helpers import wandb_run_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    overrides = ["callbacks.progress=null", "++trainer.enable_progress_bar=false", "data=toy2d", "network=mlp",
+                 "formulation=vp", "data.num_samples=256", "data.batch_size=64", "trainer.max_steps=8",
+                 "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
+                 "callbacks.sample_grid.num_samples=16", "module.sample_steps=2"]
+    try:
+        result = train(compose_config("train", overrides, tmp_path))
+    finally:
+        finish_logging()
+    run = wandb_run_summary(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    assert result["wandb_run"].endswith(run["id"])
+    assert run["config"]["formulation"]["_target_"] == "lightning_diff.formulations.VP"
+    keys = set(run["history"])
+    assert {"train/loss", "val/loss"} <= keys
+    assert run["history"]["samples/_type"] == ["images/separated"]  # the sample grid, logged once at the end
+    assert any(k.startswith("val/loss_sigma_") for k in keys) and any(k.startswith("lr-") for k in keys)
+    assert run["exited"]
