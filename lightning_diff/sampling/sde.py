@@ -90,7 +90,7 @@ def euler_maruyama(denoiser, x, sigmas, *, formulation=None, noise_scale: float 
 
 def pc(denoiser, x, sigmas, *, predictor: str = "reverse_diffusion", corrector_steps: int = 1,
        snr: float = 0.16, step_norm: str = "batch", formulation=None, generator=None, callback=None,
-       stats=None,        cond: dict | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+       stats=None, cond: dict | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Predictor-corrector sampler (Song et al. 2021, Algorithms 2-3): at each sigma_i, ``corrector_steps``
     Langevin steps with the signal-to-noise step rule, then one predictor step to sigma_{i+1}.
     NFE = N (corrector_steps + 1).
