@@ -100,14 +100,3 @@ class Denoiser(nn.Module):
             weight = self.formulation.loss_weight(sigma)
             per_sample = ((D - y) ** 2).flatten(1).mean(dim=1)
             return weight * per_sample, sigma
-
-    def round_sigma(self, sigma):
-        return self.formulation.round_sigma(sigma)
-
-    @property
-    def sigma_min(self) -> float:
-        return self.formulation.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.formulation.sigma_max

@@ -60,7 +60,6 @@ class DiffusionModule(pl.LightningModule):
         if val_buckets < 1:
             raise ValueError(f"val_buckets={val_buckets} is invalid; allowed: an integer >= 1")
         self.denoiser = Denoiser(network, formulation)
-        self.formulation = formulation
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.conditional = conditional
         self.sampler, self.sample_steps = sampler, sample_steps
@@ -78,6 +77,10 @@ class DiffusionModule(pl.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0  # optimizer steps skipped for non-finite gradients, whole run
         self._nonfinite_in_a_row = 0
+
+    @property
+    def formulation(self) -> Formulation:
+        return self.denoiser.formulation
 
     # --- training ---------------------------------------------------------------------------------------
     def _split(self, batch):
@@ -167,7 +170,10 @@ class DiffusionModule(pl.LightningModule):
         """
         from . import sampling
 
-        shape = tuple(data_shape or self.hparams_data_shape())
+        data_shape = data_shape or getattr(self, "data_shape", None)
+        if data_shape is None:
+            raise ValueError("DiffusionModule.sample: data_shape is unknown; pass data_shape=(C, H, W)")
+        shape = tuple(data_shape)
         if sigmas is None:
             steps = steps or self.sample_steps or self.formulation.default_sampling_steps
             sigmas = self.formulation.sampling_sigmas(steps)
@@ -187,12 +193,6 @@ class DiffusionModule(pl.LightningModule):
         finally:
             self.train(was_training)
         return out.float()
-
-    def hparams_data_shape(self) -> tuple[int, ...]:
-        shape = getattr(self, "data_shape", None)
-        if shape is None:
-            raise ValueError("DiffusionModule.sample: data_shape is unknown; pass data_shape=(C, H, W)")
-        return tuple(shape)
 
     # --- checkpoints carry the config that rebuilds the run -----------------------------------------------
     def on_save_checkpoint(self, checkpoint):
