@@ -1,7 +1,8 @@
 """Closed-form oracles: isotropic Gaussian mixtures and their exact denoiser, score and likelihood.
 
 For data ``y ~ sum_k w_k N(mu_k, s_k^2 I)`` the noisy marginal at noise level sigma is
-``p(x; sigma) = sum_k w_k N(x; mu_k, (s_k^2 + sigma^2) I)`` and the ideal denoiser (MATH.md §2) is
+``p(x; sigma) = sum_k w_k N(x; mu_k, (s_k^2 + sigma^2) I)`` and the ideal denoiser
+(docs/formulations.md#the-ideal-denoiser) is
 
     D*(x; sigma) = sum_k r_k(x) [mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)],
 

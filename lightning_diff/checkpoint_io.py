@@ -1,9 +1,13 @@
-"""What an exact resume needs beyond Lightning's own checkpoint: atomic files and the data-loader position.
+"""Checkpoint files: written atomically, read without running code, and the data-loader position.
 
-- ``AtomicCheckpointIO``: a checkpoint file is either the old one or the complete new one, never a torn
-  write (a job killed while saving, a full disk): ``torch.save`` to a temporary file in the same folder,
-  ``fsync``, then ``os.replace``, which POSIX makes atomic. Lightning's ``TorchCheckpointIO`` relies on an
-  fsspec transaction whose local commit is a move without ``fsync``; we state the guarantee here once.
+- ``atomic_write`` / ``write_new_text``: a file is either the old one (or absent) or the complete new one,
+  never a torn write (a job killed while saving, a full disk): write a temporary file in the same folder,
+  ``fsync``, then ``os.replace`` (or a hard link, which refuses to replace), both atomic on POSIX.
+- ``AtomicCheckpointIO``: Lightning's checkpoint plugin writing with ``atomic_write`` and reading with
+  ``load_checkpoint``. Lightning's ``TorchCheckpointIO`` relies on an fsspec transaction whose local commit
+  is a move without ``fsync``; we state the guarantee here once.
+- ``load_checkpoint``: ``torch.load(weights_only=True)``, so a crafted file cannot run code, with an error
+  naming the file and what is wrong when it is truncated, corrupted, unsafe or of another format.
 - ``ResumableDataLoader``: a ``DataLoader`` with ``state_dict``/``load_state_dict`` (Lightning saves them in
   the checkpoint's loop state and restores them before the first batch), so a run resumed mid-epoch
   continues with the next batch of the same epoch instead of restarting the epoch.
@@ -12,21 +16,168 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import pickle
+import shutil
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning_fabric.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-__all__ = ["AtomicCheckpointIO", "ResumableDataLoader", "resumable"]
+__all__ = ["CHECKPOINT_FORMAT", "FORMAT_KEY", "AtomicCheckpointIO", "CheckpointError", "ResumableDataLoader",
+           "atomic_write", "check_format", "load_checkpoint", "write_new_text"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_KEY = "lightning_diff_format"  # checkpoint key holding the format version
+CHECKPOINT_FORMAT = 1  # the version this code writes and reads; raise it when the checkpoint content changes
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: truncated, corrupted, asking for code, or of another format."""
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+def _write_temporary(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
+    """``write(file)`` into a new temporary file beside ``path``, flushed and fsynced; returns its name.
+    On any error the temporary file is removed; I/O errors (a full disk, a read-only folder) are raised
+    as ``OSError`` naming ``path``."""
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        return temporary
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            raise
+        code = getattr(error, "errno", None)
+        message = (f"could not write {path}: {error.strerror if code else error} ({_free_space(path)}); "
+                   f"{path.name} is unchanged")
+        raise (OSError(code, message) if code else OSError(message)) from error
+
+
+def _free_space(path: Path) -> str:
+    folder = next(p for p in (path.parent, *path.parents) if p.exists())  # "." or "/" at the latest
+    return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Replace ``path`` atomically by what ``write(file)`` writes into a binary file; returns ``path``.
+    Until the write completed and reached the disk, ``path`` keeps its old content (or stays absent)."""
+    path = Path(path)
+    os.replace(_write_temporary(path, write), path)
+    return path
+
+
+def write_new_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically to ``path`` without ever replacing a file: when ``path`` exists
+    (an earlier or concurrent job with the same name) the text goes to the first free ``<stem>-1<suffix>``,
+    ``<stem>-2<suffix>``... with a warning. Returns the path written."""
+    path = Path(path)
+    temporary = _write_temporary(path, lambda file: file.write(text.encode()))
+    try:
+        for number in itertools.count():
+            target = path if number == 0 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+            try:
+                os.link(temporary, target)  # atomic, and fails when target exists (os.replace would not)
+                break
+            except FileExistsError:
+                continue
+    finally:
+        os.unlink(temporary)
+    if target != path:
+        log.warning("%s exists (another job with the same name); wrote %s instead", path, target.name)
+    return target
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint at ``path`` (written by ``lightning_diff.train``), loaded without running any code.
+
+    ``torch.load(weights_only=True)`` unpickles only tensors, storages, ``OrderedDict``, ``torch.Size``,
+    dtypes and plain containers and scalars, which is all our checkpoints hold: ``run_config`` is a plain
+    dict, optimizer and scheduler states are dicts of tensors and numbers (``lightning_diff.optim`` stores
+    its multipliers as their attribute dicts). No class is added to that allowlist. Raises
+    ``FileNotFoundError``, or ``CheckpointError`` naming the file and what is wrong: truncated or not a
+    checkpoint, a record failing its CRC-32 (checked unless ``mmap``, which reads no tensor data), a
+    global it asks for that is refused (it could run code), or a format this version does not read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_archive(path, verify_records=not mmap)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _refused_globals(path)
+        if refused:
+            raise CheckpointError(f"{path} asks for {', '.join(refused)}, which no lightning_diff checkpoint holds; "
+                                  "refused, since loading it could run code. Load only files you trust, or "
+                                  "a file written by lightning_diff.train") from None
+        raise CheckpointError(f"{path} is corrupted: its pickle does not load ({error})") from None
+    except Exception as error:  # e.g. a damaged record when the CRC-32 check was skipped (mmap)
+        raise CheckpointError(f"{path} does not load: {type(error).__name__}: {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    check_format(checkpoint, path)
+    return checkpoint
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """The globals in ``path``'s pickle that ``weights_only`` refuses (read from its opcodes, nothing runs)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a pickle too damaged to list them: the caller reports it as corrupted
+        return []
+
+
+def _check_archive(path: Path, verify_records: bool) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is a complete zip archive (``torch.save``'s format), each
+    record matching its CRC-32 when ``verify_records`` (torch's reader does not check them)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip() if verify_records else None
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f"{path} is not a complete checkpoint ({path.stat().st_size} bytes, {error}): "
+                              "truncated by an interrupted write or copy, or not a file written by torch.save"
+                              ) from None
+    if damaged is not None:
+        raise CheckpointError(f"{path} is corrupted: its record {damaged} fails its CRC-32 check (a damaged "
+                              "disk or copy); use an earlier checkpoint")
+
+
+def check_format(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` unless ``checkpoint[FORMAT_KEY]`` is ``CHECKPOINT_FORMAT``."""
+    version = checkpoint.get(FORMAT_KEY)
+    if version is None:
+        raise CheckpointError(f"{path} has no {FORMAT_KEY}: it was not written by lightning_diff.train, or by "
+                              f"a version older than format {CHECKPOINT_FORMAT}; this version reads format "
+                              f"{CHECKPOINT_FORMAT} only")
+    if version != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has {FORMAT_KEY}={version!r}; this version of lightning_diff reads format "
+                              f"{CHECKPOINT_FORMAT} only (load it with the version that wrote it)")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic (temporary file, fsync, ``os.replace``).
-    Remote URLs (``s3://``...) go through Lightning's fsspec path (object stores replace whole objects)."""
+    """``TorchCheckpointIO`` whose local writes are atomic (``atomic_write``) and whose reads, a resume
+    included, go through ``load_checkpoint`` (``weights_only=True`` whatever Lightning asks for). Remote
+    URLs (``s3://``...) go through Lightning's fsspec path (object stores replace whole objects)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):
@@ -34,18 +185,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise ValueError(f"AtomicCheckpointIO: storage_options={storage_options!r} is not supported for "
                              "local paths; allowed: None")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+    def load_checkpoint(self, path, map_location: Any = "cpu", weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            checkpoint = super().load_checkpoint(path, map_location, weights_only=True)
+            check_format(checkpoint, path)
+            return checkpoint
+        return load_checkpoint(path, map_location)
 
 
 class ResumableDataLoader(DataLoader):
@@ -106,17 +253,3 @@ class _SkipOnce:
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-def resumable(loader: DataLoader) -> ResumableDataLoader:
-    """The same loader as a ``ResumableDataLoader`` (same dataset, sampler, batching, workers, generator)."""
-    if isinstance(loader, ResumableDataLoader):
-        return loader
-    batched = loader.batch_size is not None  # else the loader was built from a batch_sampler
-    return ResumableDataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler if batched else None,
-        batch_sampler=None if batched else loader.batch_sampler, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-        persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor,
-        multiprocessing_context=loader.multiprocessing_context)

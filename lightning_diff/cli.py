@@ -1,23 +1,44 @@
 """The ``lightning-diff`` console script: ``lightning-diff {train,sample,evaluate} [hydra overrides]``.
 
-Without a sub-command it trains (``lightning-diff formulation=vp data=toy2d`` = ``lightning-diff train ...``).
+``lightning-diff --help`` lists the commands; ``lightning-diff <command> --help`` shows the command's main
+settings (the ``hydra.help`` template of its config). Without a command it trains
+(``lightning-diff formulation=vp data=toy2d`` = ``lightning-diff train formulation=vp data=toy2d``).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 
-COMMANDS = {"train": "lightning_diff.train", "sample": "lightning_diff.sample", "evaluate": "lightning_diff.evaluate"}
+__all__ = ["COMMANDS", "usage", "main"]
+
+COMMANDS = {  # command -> (entry-point module, one line of help)
+    "train": ("lightning_diff.train", "train a model (configs/train.yaml); the default command"),
+    "sample": ("lightning_diff.sample", "generate samples from a checkpoint with any sampler (configs/sample.yaml)"),
+    "evaluate": ("lightning_diff.evaluate", "FID/IS/KID/precision-recall and bits/dim of a checkpoint "
+                                            "(configs/evaluate.yaml)"),
+}
 
 
-def main() -> None:
-    command = "train"
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
-        command = sys.argv.pop(1)
+def usage() -> str:
+    """The text of ``lightning-diff --help``: one line per command."""
+    lines = ["usage: lightning-diff [command] [group=option ...] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "lightning-diff <command> --help shows the command's main settings."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(usage())
+        return
+    command = args.pop(0) if args and not args[0].startswith("-") and "=" not in args[0] else "train"
     if command not in COMMANDS:
-        sys.exit(f"lightning-diff: unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
-    importlib.import_module(COMMANDS[command]).main()
+        sys.exit(f"lightning-diff: unknown command {command!r}; allowed: {', '.join(COMMANDS)}\n\n{usage()}")
+    sys.argv[1:] = args  # Hydra reads the overrides from sys.argv
+    importlib.import_module(COMMANDS[command][0]).main()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .formulations import Formulation
+from .networks.layers import LabelEmbedding
 
 __all__ = ["Denoiser"]
 
@@ -29,15 +30,33 @@ class Denoiser(nn.Module):
             ``[B]`` and ``labels`` ``[B]`` long or None. Its output may have extra channels (a learned
             variance head): the first ``C`` channels are the prediction.
         formulation: the family that sets the preconditioning, p(sigma) and lambda(sigma).
+        variance_trained: True only when the training loss fits the extra channels as iDDPM's variance
+            interpolation (Nichol & Dhariwal 2021, eq. 15 and L_hybrid). The loss here reads the first C
+            channels only, so it is False for every model trained today and ``vlb variance=learned``
+            refuses such a model.
 
     Preconditioning and the loss run in float32 (float64 when ``x`` is float64) with autocast off;
     only the backbone runs under whatever autocast the caller (Lightning's precision plugin) set.
     """
 
-    def __init__(self, backbone: nn.Module, formulation: Formulation):
+    def __init__(self, backbone: nn.Module, formulation: Formulation, variance_trained: bool = False):
         super().__init__()
         self.backbone = backbone
         self.formulation = formulation
+        self.variance_trained = variance_trained
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Snap noise levels to those the network was trained on (the formulation's ``round_sigma``, EDM's
+        ``round_sigma``): the nearest grid level for discrete families, identity for continuous ones.
+        Samplers snap their grid and EDM's churned level with it (``sampling.core``)."""
+        return self.formulation.round_sigma(sigma)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label meaning "unconditional" inside a batch (the backbone's learned null label, index
+        ``num_classes`` of its ``LabelEmbedding``), so CFG runs both passes as one batch; None without one."""
+        embedding = next((m for m in self.backbone.modules() if isinstance(m, LabelEmbedding)), None)
+        return None if embedding is None else embedding.num_classes
 
     def _backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
         param = next(self.backbone.parameters(), None)
@@ -85,6 +104,8 @@ class Denoiser(nn.Module):
             y: clean data ``[B, C, ...]``.
             sigma, noise: optional fixed ``[B]`` noise levels / ``[B, C, ...]`` standard normal noise;
                 drawn from the formulation's p(sigma) and N(0, I) when omitted.
+            cond: extra backbone inputs, e.g. ``augment_labels`` ``[B, augment_dim]`` of an augmented ``y``
+                (EDM's non-leaky augmentation: ``D(y_aug + sigma n; sigma, augment_labels)`` vs ``y_aug``).
         Returns:
             ``(loss [B], sigma [B])`` in float32.
         """

@@ -1,5 +1,5 @@
 """Likelihoods of a denoiser: the probability-flow ODE with divergence, bits/dim with uniform
-dequantization, and the discrete variational bound of DDPM/iDDPM (MATH.md §6.9).
+dequantization, and the discrete variational bound of DDPM/iDDPM (docs/likelihood.md).
 
 Never compare the two bits/dim: the ODE one is a density of dequantized data (plus the offset of the
 data transform), the VLB one a discrete probability (no offset).
@@ -60,6 +60,25 @@ def _divergence_fn(denoiser, divergence: str, probe_vectors: torch.Tensor | None
     return f
 
 
+def _prior_bias_bound(x: torch.Tensor, sigma_max: float, max_prior_bias: float) -> float:
+    """``m2 / (2 sigma_max^2)`` nats/dim, ``m2`` the mean square of ``x [B, ...]`` per dimension: the bound on
+    the mean bias of the ``N(0, sigma_max^2 I)`` prior; ValueError naming sigma_max when above ``max_prior_bias``."""
+    if not isinstance(max_prior_bias, (int, float)) or not max_prior_bias > 0:
+        raise ValueError(f"likelihood.max_prior_bias={max_prior_bias!r} is invalid; allowed: a number > 0 "
+                         "(nats/dim; math.inf accepts any bias)")
+    m2 = float(x.pow(2).mean())
+    bound = m2 / (2 * sigma_max**2)
+    if bound > max_prior_bias:
+        raise ValueError(
+            f"likelihood.sigma_max={sigma_max:g} is too small for data of mean square {m2:.3g} per dimension: "
+            f"the N(0, sigma_max^2 I) prior ignores the data and can bias log p by up to {bound:.3g} nats/dim "
+            f"(m2 / (2 sigma_max^2) > max_prior_bias={max_prior_bias:g}); allowed: sigma_max >= "
+            f"{math.sqrt(m2 / (2 * max_prior_bias)):.3g} (a formulation trained up to that noise level), or a "
+            "larger max_prior_bias"
+        )
+    return bound
+
+
 def log_likelihood(
     denoiser,
     x: torch.Tensor,
@@ -73,6 +92,7 @@ def log_likelihood(
     probe: str = "rademacher",
     generator: torch.Generator | None = None,
     labels: torch.Tensor | None = None,
+    max_prior_bias: float = 1e-3,  # nats/dim: the largest accepted bound on the prior's bias (see below)
     **cond,
 ) -> tuple[torch.Tensor, dict]:
     """Log-density of ``x`` under the probability-flow ODE of ``denoiser`` (Song et al. 2021, App. D.2).
@@ -83,6 +103,13 @@ def log_likelihood(
     ``log_likelihood``): ``log p(x; sigma_min) = log N(x(sigma_max); 0, sigma_max^2 I) + int div dsigma``.
     The step sizes are shared by the batch, so results depend on the batch within the tolerances.
 
+    The prior stands in for the true marginal ``p(.; sigma_max) = p_data * N(0, sigma_max^2 I)``, which is
+    unknown for a learned model. On average this biases ``log p`` by ``-KL(p(.; sigma_max) || N(0,
+    sigma_max^2 I))``, which lies in ``[-m2 / (2 sigma_max^2), 0]`` nats/dim (convexity of KL over the
+    mixture of ``N(y, sigma_max^2 I)``), ``m2 = E|x|^2 / d`` the data's mean square per dimension, here
+    measured on the batch. When that bound exceeds ``max_prior_bias`` (sigma_max not large against the
+    data, e.g. NCSN's sigma_max = 1) the call refuses: raise sigma_max, or the tolerance.
+
     Args:
         denoiser: ``denoiser(x, sigma [B], labels, **cond) -> D`` (the sampler contract), differentiable.
         x: data in model space ``[B, ...]`` (dequantized for bits/dim).
@@ -91,9 +118,12 @@ def log_likelihood(
         divergence: ``"hutchinson"`` (Skilling 1989, Hutchinson 1990) or ``"exact"`` (D VJPs; low dimension).
         probes: Hutchinson probes averaged per evaluation, drawn once per call (``probe`` kind,
             Rademacher or standard normal, from ``generator``).
+        max_prior_bias: the largest accepted bound ``m2 / (2 sigma_max^2)`` on the prior's bias, nats/dim
+            (1e-3: about 0.0014 bits/dim, below the two decimals bits/dim are reported with).
     Returns:
         ``(log_prob [B] float64 nats, info)`` with ``info["nfe"]`` (denoiser evaluations, each on the
-        whole batch), ``info["x_prior"]`` (the ODE end point ``[B, ...]``) and ``info["prior_logp"]``.
+        whole batch), ``info["x_prior"]`` (the ODE end point ``[B, ...]``), ``info["prior_logp"]`` and
+        ``info["prior_bias_bound"]`` (nats/dim).
     """
     if not (
         isinstance(sigma_min, (int, float))
@@ -111,6 +141,7 @@ def log_likelihood(
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"likelihood.probes={probes!r} is invalid; allowed: an integer >= 1")
     x = x.to(torch.float64)
+    bias_bound = _prior_bias_bound(x, sigma_max, max_prior_bias)
     shape, batch, device = x.shape, x.shape[0], x.device
     probe_vectors = None
     if divergence == "hutchinson":
@@ -148,11 +179,13 @@ def log_likelihood(
         "nfe": nfe,
         "x_prior": x_prior.to(device),
         "prior_logp": prior_logp.to(device),
+        "prior_bias_bound": bias_bound,
     }
 
 
 def bits_per_dim(log_prob: torch.Tensor, dim: int, *, scale: float) -> torch.Tensor:
-    """``-log p(z) / (d ln 2) - log2(scale)`` (MATH.md §6.9): the density of ``z = scale * (x + u) + b``
+    """``-log p(z) / (d ln 2) - log2(scale)`` (docs/likelihood.md#bits-per-dim): the density of ``z = scale * (x + u)
+    + b``
     in bits per dimension of the integer data (``-log2(scale)`` = 7 for /256 data mapped to [-1, 1],
     ``log2(127.5)`` = 6.9944 for EDM's ``/127.5 - 1``)."""
     check = isinstance(scale, (int, float)) and scale > 0
@@ -176,7 +209,8 @@ def ode_bits_per_dim(
     """ODE bits/dim of integer data ``x_int [B, ...]`` averaged over ``passes`` dequantizations
     (score_sde: 5 passes over the test split). ``scale``/``offset`` are the data transform's ``a``, ``b``
     (``z = a x_int + b``). Returns ``(bpd [B] float64, info)`` with ``info["nfe"]`` (per pass, summed)
-    and ``info["nfe_per_image"]`` (denoiser evaluations per image, batch evaluations counted once each)."""
+    and ``info["nfe_per_image"]`` (denoiser evaluations per image, batch evaluations counted once each).
+    Refuses a ``sigma_max`` too small for the data's scale (``log_likelihood``'s ``max_prior_bias``)."""
     if not isinstance(passes, int) or passes < 1:
         raise ValueError(f"likelihood.passes={passes!r} is invalid; allowed: an integer >= 1")
     bpd, nfe = 0.0, 0
@@ -213,16 +247,27 @@ def _discretized_gaussian_log_likelihood(
     return torch.where(cdf_hi - cdf_lo > 1e-12, log_mass, normal.log_prob(x0) + math.log(2 * half_width))
 
 
+def _require_trained_variance(denoiser) -> None:
+    """ValueError unless ``denoiser`` is a :class:`Denoiser` whose extra output channels were trained as
+    iDDPM's variance (``variance_trained``); the loss here trains the first C channels only."""
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError(
+            "likelihood.variance='learned' needs a lightning_diff Denoiser (its backbone's extra "
+            "channels hold the variance); allowed: fixed_small, fixed_large"
+        )
+    if not denoiser.variance_trained:
+        raise ValueError(
+            "likelihood.variance='learned': this model's extra output channels were never trained (its loss "
+            "uses the first C channels only; Denoiser.variance_trained=False), so they hold no variance; "
+            "allowed: fixed_small, fixed_large"
+        )
+
+
 def _prediction(denoiser, x_sigma, sigma, labels, learned: bool, channels: int):
     """``(D(x; sigma), v or None)``: the learned-variance channels ``v`` come from the same backbone call
     (iDDPM's 2C-channel output; needs a :class:`Denoiser`)."""
     if not learned:
         return denoiser(x_sigma, sigma, **({} if labels is None else {"labels": labels})), None
-    if not isinstance(denoiser, Denoiser):
-        raise ValueError(
-            "likelihood.variance='learned' needs a lightning_diff Denoiser (its backbone's extra "
-            "channels hold the variance)"
-        )
     _, c_skip, c_out, c_in, c_noise = denoiser.precondition(x_sigma, sigma)
     out = denoiser.backbone((c_in * x_sigma).to(denoiser._backbone_dtype(x_sigma)), c_noise, labels).to(
         x_sigma.dtype
@@ -257,7 +302,7 @@ def vlb_bits_per_dim(
             cosine (Nichol & Dhariwal) schedule; all T terms are evaluated (T network calls per image).
         variance: ``"fixed_small"`` (posterior variance beta~_t), ``"fixed_large"`` (beta_t) or
             ``"learned"`` (iDDPM eq. 15: ``exp(v log beta + (1 - v) log beta~)``, v = (out + 1) / 2 from
-            the backbone's extra C channels).
+            the backbone's extra C channels; only for a Denoiser with ``variance_trained``, else ValueError).
         clip_denoised: clip the predicted x_0 to the data range (iDDPM's evaluation default).
     Returns:
         ``(bpd [B] float64, info)`` with ``info["prior_bpd"]``, ``info["terms_bpd"]`` ``[T, B]`` (index t
@@ -270,6 +315,8 @@ def vlb_bits_per_dim(
         )
     if variance not in VARIANCES:
         raise ValueError(f"likelihood.variance={variance!r} is not known; allowed: {VARIANCES}")
+    if variance == "learned":
+        _require_trained_variance(denoiser)
     device = x_int.device
     betas = formulation.betas.to(device, torch.float64)
     abar = formulation.alphas_cumprod.to(device, torch.float64)

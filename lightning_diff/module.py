@@ -2,7 +2,8 @@
 
 Nothing here branches on the formulation: the training step is ``Denoiser.loss``; validation reports
 the same loss per noise-level bucket on a fixed draw of noise; ``sample`` runs a sampler of
-``lightning_diff.sampling`` on the formulation's grid with per-sample seeds.
+``lightning_diff.sampling`` on the formulation's grid with per-sample seeds. ``SamplerSettings`` is the one
+sampler setting (``configs/sampler``) of training, ``sample``, ``evaluate`` and the callbacks.
 """
 
 from __future__ import annotations
@@ -10,17 +11,141 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
+from . import sampling
+from .checkpoint_io import CHECKPOINT_FORMAT, FORMAT_KEY
+from .data.transforms import DataTransform
 from .denoiser import Denoiser
 from .formulations import Formulation
 
-__all__ = ["DiffusionModule"]
+__all__ = ["DiffusionModule", "SamplerSettings"]
+
+_NOT_OPTIONS = ("denoiser", "x", "sigmas", "generator", "callback", "stats", "cond", "formulation")  # set by sample()
+
+
+@dataclasses.dataclass
+class SamplerSettings:
+    """One sampler setting (``configs/sampler/<name>.yaml``), the same for the sample grid and the metric
+    callbacks of training, ``lightning-diff sample`` and ``lightning-diff evaluate``.
+
+    Attributes:
+        name: a sampler of ``lightning_diff.sampling.SAMPLERS``.
+        steps: steps on the formulation's own grid (``formulation.sampling_sigmas(steps)``); None takes the
+            formulation's ``default_sampling_steps`` (18, EDM's Heun with 35 NFE; NCSN: its L levels).
+        options: keyword options of the sampler (``S_churn``, ``eta``, ...).
+        batch_size: samples per sampler call; the samples do not depend on it (per-sample seeds).
+    """
+
+    name: str = "heun"
+    steps: int | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.name not in sampling.SAMPLERS:
+            raise ValueError(f"sampler.name={self.name!r} is not known; allowed: {', '.join(sampling.SAMPLERS)}")
+        if self.steps is not None and (type(self.steps) is not int or self.steps < 1):
+            raise ValueError(f"sampler.steps={self.steps!r} is invalid; allowed: null (the formulation's default) "
+                             "or an integer >= 1")
+        if type(self.batch_size) is not int or self.batch_size < 1:
+            raise ValueError(f"sampler.batch_size={self.batch_size!r} is invalid; allowed: an integer >= 1")
+        self.options = dict(self.options or {})
+        allowed = [p for p in inspect.signature(sampling.SAMPLERS[self.name]).parameters if p not in _NOT_OPTIONS]
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"sampler.options: {unknown} are not options of sampler={self.name}; allowed: "
+                             f"{', '.join(allowed)}")
+
+    @classmethod
+    def from_config(cls, value) -> SamplerSettings:
+        """From a ``sampler`` config node (keys ``name``, ``steps``, ``options``, ``batch_size``; missing keys
+        take the defaults above), an instance (returned as is) or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        keys = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            raise ValueError(f"sampler: unknown settings {unknown}; allowed: {', '.join(keys)}")
+        return cls(**value)
+
+    def steps_for(self, formulation: Formulation) -> int:
+        """The step count on ``formulation``'s grid: ``steps`` or the formulation's default. Raises ValueError
+        naming ``sampler.steps``, the value and the formulation's allowed range when it has no such grid."""
+        steps = formulation.default_sampling_steps if self.steps is None else self.steps
+        low, high = formulation.min_sampling_steps, formulation.max_sampling_steps
+        if steps < low or (high is not None and steps > high):
+            value = steps if self.steps is not None else f"null (formulation={formulation.name}'s default {steps})"
+            allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+            raise ValueError(f"sampler.steps={value} is invalid for formulation={formulation.name}; allowed: "
+                             f"{allowed}")
+        return steps
+
+    def sigmas(self, formulation: Formulation) -> torch.Tensor:
+        """The grid this setting samples ``formulation`` on: decreasing float64 ``[steps + 1]`` ending in 0."""
+        steps = self.steps_for(formulation)
+        try:
+            return formulation.sampling_sigmas(steps)
+        except ValueError as err:
+            raise ValueError(f"sampler.steps={steps} on formulation={formulation.name}: {err}") from None
+
+    def call_options(self, formulation: Formulation) -> dict:
+        """``options`` plus ``formulation`` for the samplers that take it (SDE samplers, EDM's ablation)."""
+        options = dict(self.options)
+        if "formulation" in inspect.signature(sampling.SAMPLERS[self.name]).parameters:
+            options["formulation"] = formulation
+        return options
+
+    def check(self, formulation: Formulation, max_growth: float = 10.0) -> SamplerSettings:
+        """This setting, after checking that it runs on ``formulation``, so that a bad setting fails at config
+        time and not when training ends: its grid exists, the sampler accepts its options, and it does not diverge
+        on the exact denoiser of data ``N(0, sigma_data^2)``: one 1-D sample starting at ``x = sigmas[0]`` (seed 0)
+        must end finite and within ``max_growth`` times the largest noise envelope ``sqrt(sigma_data^2 +
+        sigmas[0]^2)`` (few steps may land far from the data, but not beyond where they started). E.g. annealed
+        Langevin's ``step_size`` 2e-5 diverges on EDM's grid, whose sigma_min = 0.002 makes its steps
+        ``2e-5 sigma_i^2 / sigma_min^2`` too long. Raises ValueError naming the setting."""
+        sigmas = self.sigmas(formulation)
+        denoiser = _GaussianDataDenoiser(formulation)
+        x = torch.full((1, 1), float(sigmas[0]))
+        setting = (f"sampler={self.name} with sampler.steps={self.steps_for(formulation)} and sampler.options="
+                   f"{self.options} on formulation={formulation.name}")
+        try:
+            out = sampling.sample(self.name, denoiser, x, sigmas, generator=sampling.PerSampleGenerator([0]),
+                                  **self.call_options(formulation))
+        except ValueError as err:
+            raise ValueError(f"{setting}: {err}") from None
+        bound = max_growth * math.hypot(denoiser.sigma_data, float(sigmas[0]))
+        if not out.abs().max() <= bound:  # also refuses nan
+            raise ValueError(f"{setting} diverges on the exact denoiser of data N(0, {denoiser.sigma_data}^2): from "
+                             f"x = {float(sigmas[0]):.4g} it ends at {out.flatten().tolist()}; allowed: settings that "
+                             f"stay within {bound:.4g} there (a smaller step size, another sampler or formulation)")
+        return self
+
+    def record(self, formulation: Formulation) -> dict:
+        """``{"name", "steps", "options"}`` with the step count actually used on ``formulation`` (protocols)."""
+        return {"name": self.name, "steps": self.steps_for(formulation), "options": dict(self.options)}
+
+
+class _GaussianDataDenoiser:
+    """The exact denoiser of data ``N(0, sigma_data^2)``, ``D(x; sigma) = x sigma_data^2 / (sigma_data^2 +
+    sigma^2)`` (the posterior mean), snapped to ``formulation``'s noise levels: what ``SamplerSettings.check``
+    runs a sampler on. ``x``: ``[B, 1]``, ``sigma``: ``[B]``."""
+
+    def __init__(self, formulation: Formulation, sigma_data: float = 0.5):  # EDM's sigma_data (Karras et al. 2022)
+        self.round_sigma, self.sigma_data = formulation.round_sigma, sigma_data
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return x * (self.sigma_data**2 / (self.sigma_data**2 + sigma**2)).reshape(-1, 1)
 
 
 class DiffusionModule(pl.LightningModule):
@@ -34,12 +159,23 @@ class DiffusionModule(pl.LightningModule):
             optimizer step.
         conditional: pass class labels to the network (needs a network built with ``num_classes``).
         val_buckets: number of log-spaced noise-level buckets for the validation loss.
-        sampler, sample_steps, sampler_options: what ``sample()`` uses by default (EDM's deterministic
-            Heun, 18 steps = 35 network evaluations); ``sample_steps=None`` takes the formulation's
-            ``default_sampling_steps`` (18, or NCSN's L levels).
+        sampler: what ``sample()`` uses by default: a ``SamplerSettings`` or its config node (default: EDM's
+            deterministic Heun on the formulation's default grid, 18 steps = 35 network evaluations). Checked
+            against the formulation here, so that a step count it cannot do fails before training.
         channels_last: store image backbones in channels_last memory format (faster convolutions).
         max_nonfinite_steps: optimizer steps in a row with non-finite gradients after which training
             stops with an error (each one is skipped, counted in ``nonfinite_steps`` and logged).
+        data_shape: shape of one sample, e.g. ``(C, H, W)`` or ``(D,)`` (stored in checkpoints; ``sample()``
+            needs it unless given a shape).
+        num_classes: class labels of the data (0: none).
+        data_transform: how the data were scaled into model space (bits/dim and uint8 images need it).
+        run_config: the resolved config of the run, stored in checkpoints so that ``load_module`` can
+            rebuild the module.
+        augment_pipe: ``images -> (images, augment_labels)`` applied to training batches only, its labels
+            passed to the network (EDM's non-leaky augmentation, ``data.augment.AugmentPipe``); validation
+            and ``sample()`` see no augmentation and pass no labels (EDM's generate.py).
+
+    Attribute ``weights``: which weights the module holds, ``"raw"`` or ``"ema"`` (``load_weights``).
     """
 
     def __init__(
@@ -50,11 +186,14 @@ class DiffusionModule(pl.LightningModule):
         lr_scheduler: Callable | None = None,
         conditional: bool = False,
         val_buckets: int = 6,
-        sampler: str = "heun",
-        sample_steps: int | None = 18,
-        sampler_options: dict | None = None,
+        sampler: SamplerSettings | Mapping | None = None,
         channels_last: bool = False,
         max_nonfinite_steps: int = 20,  # fp16 loss scaling recovers from an overflow in a few steps
+        data_shape: Sequence[int] | None = None,
+        num_classes: int = 0,
+        data_transform: DataTransform | None = None,
+        run_config: dict | None = None,
+        augment_pipe: Callable | None = None,
     ):
         super().__init__()
         if val_buckets < 1:
@@ -62,8 +201,11 @@ class DiffusionModule(pl.LightningModule):
         self.denoiser = Denoiser(network, formulation)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.conditional = conditional
-        self.sampler, self.sample_steps = sampler, sample_steps
-        self.sampler_options = dict(sampler_options or {})
+        self.sampler = SamplerSettings.from_config(sampler).check(formulation)
+        self.data_shape = None if data_shape is None else tuple(data_shape)
+        self.num_classes, self.data_transform, self.run_config = num_classes, data_transform, run_config
+        self.weights = "raw"
+        self.augment_pipe = augment_pipe
         self.channels_last = channels_last
         if channels_last:
             self.denoiser.backbone.to(memory_format=torch.channels_last)
@@ -71,7 +213,6 @@ class DiffusionModule(pl.LightningModule):
         self.register_buffer("bucket_edges", edges, persistent=False)
         self.val_loss = MeanMetric()
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_buckets))
-        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps} is invalid; allowed: an integer > 0")
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -91,7 +232,10 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, labels = self._split(batch)
-        loss, _ = self.denoiser.loss(x, labels)
+        cond = {}
+        if self.augment_pipe is not None:
+            x, cond["augment_labels"] = self.augment_pipe(x)
+        loss, _ = self.denoiser.loss(x, labels, **cond)
         loss = loss.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
@@ -122,7 +266,8 @@ class DiffusionModule(pl.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer):
-        """Skip an update whose gradients are not finite (MATH.md §4.7): drop them (the optimizer then
+        """Skip an update whose gradients are not finite
+        (docs/distributed.md#optimiser-schedule-clipping-accumulation-precision): drop them (the optimizer then
         leaves every parameter and its state alone), count, log ``train/nonfinite_steps``, and stop after
         ``max_nonfinite_steps`` in a row. Runs after DDP's all-reduce and AMP's unscale: all ranks agree."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -151,65 +296,71 @@ class DiffusionModule(pl.LightningModule):
 
     # --- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, seeds: Sequence[int], *, labels: torch.Tensor | None = None, sampler: str | None = None,
-               steps: int | None = None, sigmas: torch.Tensor | None = None, data_shape: Sequence[int] | None = None,
-               guidance: float = 1.0, stats: dict | None = None, **options) -> torch.Tensor:
+    def sample(self, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
+               sampler: SamplerSettings | Mapping | None = None, sigmas: torch.Tensor | None = None,
+               data_shape: Sequence[int] | None = None, guidance: float = 1.0,
+               stats: dict | None = None) -> torch.Tensor:
         """Generate one sample per seed with a sampler of ``lightning_diff.sampling``.
 
         Args:
             seeds: one integer per sample; sample i depends only on ``seeds[i]`` (EDM's per-sample
                 generators: the same images whatever the batch size or number of processes).
             labels: ``[N]`` class labels for a conditional model, else None.
-            sampler, steps, options: override the module's defaults (``heun``, 18 steps).
-            sigmas: an explicit grid (decreasing, ending in 0); default ``formulation.sampling_sigmas(steps)``.
-            data_shape: shape of one sample; default the shape the data module recorded.
+            sampler: a ``SamplerSettings`` (or its config node) instead of the module's ``self.sampler``;
+                all seeds go in one sampler call (``evaluation.generate`` batches by ``sampler.batch_size``).
+            sigmas: an explicit grid (decreasing, ending in 0); default ``sampler.sigmas(formulation)``.
+            data_shape: shape of one sample; default ``self.data_shape``.
             guidance: classifier-free guidance scale gamma (1 = none; ``sampling.CFGDenoiser``).
             stats: dict that receives the sampler's counters (``nfe``).
         Returns:
             ``[N, *data_shape]`` float32 in model space.
         """
-        from . import sampling
-
-        data_shape = data_shape or getattr(self, "data_shape", None)
+        settings = self.sampler if sampler is None else SamplerSettings.from_config(sampler)
+        data_shape = data_shape or self.data_shape
         if data_shape is None:
             raise ValueError("DiffusionModule.sample: data_shape is unknown; pass data_shape=(C, H, W)")
         shape = tuple(data_shape)
         if sigmas is None:
-            steps = steps or self.sample_steps or self.formulation.default_sampling_steps
-            sigmas = self.formulation.sampling_sigmas(steps)
+            sigmas = settings.sigmas(self.formulation)
         sigmas = sigmas.to(self.device, torch.float64)
         generator = sampling.PerSampleGenerator([int(s) for s in seeds])
         x = sampling.initial_noise(generator, shape, float(sigmas[0]), device=self.device)
         cond = None if labels is None else {"labels": labels.to(self.device)}
         denoiser = self.denoiser if guidance == 1 else sampling.CFGDenoiser(self.denoiser, guidance)
-        name = sampler or self.sampler
-        options = {**self.sampler_options, **options}
-        if "formulation" in inspect.signature(sampling.SAMPLERS.get(name, sampling.sample)).parameters:
-            options.setdefault("formulation", self.formulation)  # SDE samplers and EDM's ablation sampler
         was_training = self.training
         self.eval()
         try:
-            out = sampling.sample(name, denoiser, x, sigmas, generator=generator, stats=stats, cond=cond, **options)
+            out = sampling.sample(settings.name, denoiser, x, sigmas, generator=generator, stats=stats, cond=cond,
+                                  **settings.call_options(self.formulation))
         finally:
             self.train(was_training)
         return out.float()
 
     # --- checkpoints carry the config that rebuilds the run -----------------------------------------------
     def on_save_checkpoint(self, checkpoint):
+        """Store what ``builders.load_module`` passes back to the constructor: the run's config, the data's
+        shape, classes and transform."""
         checkpoint["run_config"] = self.run_config
-        checkpoint["data_shape"] = getattr(self, "data_shape", None)
-        checkpoint["num_classes"] = getattr(self, "num_classes", 0)
-        transform = getattr(self, "data_transform", None)
+        checkpoint["data_shape"] = self.data_shape
+        checkpoint["num_classes"] = self.num_classes
+        transform = self.data_transform
         checkpoint["data_transform"] = dataclasses.asdict(transform) if transform is not None else None
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT  # checked by checkpoint_io.load_checkpoint
 
     def on_load_checkpoint(self, checkpoint):
-        self.run_config = checkpoint.get("run_config")
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
-        if checkpoint.get("data_shape") is not None:
-            self.data_shape = tuple(checkpoint["data_shape"])
-        self.num_classes = checkpoint.get("num_classes", 0)
-        if checkpoint.get("data_transform") is not None:
-            from .data.transforms import DataTransform
 
-            self.data_transform = DataTransform(**checkpoint["data_transform"])
+    def load_weights(self, checkpoint: dict, weights: str = "ema") -> DiffusionModule:
+        """Load the weights of a checkpoint written by training; returns the module.
+
+        Its ``state_dict`` holds the EMA average when training used EMA (Lightning's ``WeightAveraging`` keeps
+        the trained weights under ``current_model_state``). ``weights="ema"`` loads the average when there is
+        one, ``"raw"`` the trained weights; ``self.weights`` records which were loaded."""
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"weights={weights!r} is not known; allowed: ema, raw")
+        has_ema = "current_model_state" in checkpoint
+        self.load_state_dict(checkpoint["current_model_state" if weights == "raw" and has_ema else "state_dict"])
+        self.on_load_checkpoint(checkpoint)
+        self.weights = "ema" if has_ema and weights == "ema" else "raw"
+        return self

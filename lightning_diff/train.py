@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from .builders import build_callbacks, build_datamodule, build_logger, build_module, register_resolvers
+from .builders import build_callbacks, build_datamodule, build_logger, build_module
 from .callbacks import EMA
 from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
+from .config import CONFIG_DIR, compose
+from .known_warnings import silence_unactionable_warnings
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+__all__ = ["train", "compose", "finish_logging", "main"]
 
-register_resolvers()
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)  # "last" -> that file, or None
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)  # last / last_if_exists -> a file
     logger = build_logger(cfg, wandb_run_id=saved_wandb_run_id(ckpt_path))
     callbacks = build_callbacks(cfg)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
@@ -51,23 +51,6 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``python -m lightning_diff.train [overrides]`` would run, for notebooks and tests.
-
-    Hydra makes no run directory here: pass ``paths.output_dir=...``. The ``hydra:`` resolver (run names)
-    answers from this composition."""
-    from hydra import compose as compose_config
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose_config("train", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def finish_logging() -> None:
     """Close the W&B run (one run per Hydra multirun job)."""
     import wandb
@@ -78,6 +61,7 @@ def finish_logging() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    silence_unactionable_warnings()
     try:
         result = train(cfg)
     finally:

@@ -2,14 +2,17 @@
 
 With noise drawn per sample (seeded by the sample's index), one optimizer step over a global batch of 8
 on 2 ranks x 4 must give the loss and gradients of one process over the same 8; every rank keeps the same
-EMA; the epoch is sharded disjointly; ranks draw different noise; only rank 0 logs.
+EMA; the epoch is sharded disjointly; ranks draw different noise; only rank 0 logs. Fault drill: when one
+rank raises, every rank exits within a bounded time with a non-zero exit code and the rank's message.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,83 @@ def test_sharding_seeding_ema_and_logging(ranks):
     assert r1["draw"] == torch.rand((), generator=expected[1]).item()
     assert r0["ema"] == r1["ema"]  # identical weights on every rank -> identical averages
     assert [p.name for p in (out / "csv").iterdir()] == ["version_0"]  # one logger wrote, once
+
+
+FAILING_CALLBACK = """
+import pytorch_lightning as pl
+
+
+class FailOnRank(pl.Callback):
+    \"\"\"Raises on rank ``rank`` before the training batch of step ``step``.\"\"\"
+
+    def __init__(self, rank, step):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"rank {self.rank} fails on purpose at step {self.step}")
+"""
+
+
+def _session_alive(session: int) -> bool:
+    try:
+        os.killpg(session, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_one_rank_raising_ends_every_rank_with_an_error(tmp_path, rank):
+    """``trainer=ddp_cpu`` through the training entry point (Lightning starts rank 1); no hang: both ranks
+    are gone within the time limit, the exit code is non-zero and the failing rank's message is shown."""
+    (tmp_path / "failer.py").write_text(FAILING_CALLBACK)
+    overrides = ["trainer=ddp_cpu", "data=toy2d", "data.num_samples=256", "data.num_val_samples=16",
+                 "data.batch_size=8", "network=mlp", "network.hidden=16", "network.depth=1",
+                 "network.emb_channels=8", "~logger", "callbacks.sample_grid=null", "callbacks.progress=null",
+                 "callbacks.lr_monitor=null", "trainer.enable_progress_bar=false", "trainer.max_steps=50",
+                 f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.fail._target_=failer.FailOnRank",
+                 f"+callbacks.fail.rank={rank}", "+callbacks.fail.step=3"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(key, None)
+    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the DDP job hangs: no exit within 300 s after one rank raised")
+        deadline = time.time() + 30  # the other rank notices the closed connection and exits
+        while _session_alive(process.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        leftover = _session_alive(process.pid)
+    finally:
+        if _session_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    assert f"rank {rank} fails on purpose at step 3" in stderr
+    assert not leftover, "a rank was still running after the job ended"
+
+
+def test_ddp_cpu_trains_a_song_unet_with_edm_augmentation(tmp_path):
+    """``network.augment_dim=9 augment=edm`` under ``trainer=ddp_cpu``: the augment-label embedding gets its
+    input, so DDP finds no unused parameter and trains. Without the pipe, DDP stopped at the first step
+    ("parameters that were not used in producing the loss"); that run now fails at build time
+    (tests/test_augment.py)."""
+    overrides = ["trainer=ddp_cpu", "data=digits", "data.batch_size=8", "network=ddpmpp_tiny",
+                 "network.model_channels=8", "network.augment_dim=9", "augment=edm", "logger=csv",
+                 "callbacks.sample_grid=null", "callbacks.progress=null", "trainer.enable_progress_bar=false",
+                 "trainer.max_steps=2", "++trainer.limit_val_batches=0", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(key, None)
+    run = subprocess.run([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["state_dict"]["denoiser.backbone.map_augment.weight"].shape[1] == 9

@@ -1,5 +1,6 @@
-"""EMA callback: the decays against their papers' formulas and constants, and the average after k optimizer
-steps (with gradient accumulation) against the closed-form weighted sum of the recorded weights."""
+"""EMA callback: the decays against their papers' formulas and constants, the average after k optimizer
+steps (with gradient accumulation) against the closed-form weighted sum of the recorded weights, and BatchNorm
+running statistics copied, checkpointed and resumed."""
 
 import math
 
@@ -126,3 +127,47 @@ def test_validation_and_final_module_use_the_average(tmp_path):
     torch.testing.assert_close(module.validated[0].double(), module.history[0])
     torch.testing.assert_close(module.validated[1].double(), _closed_form(module.history[:3], betas[:2]))
     torch.testing.assert_close(ckpt["current_model_state"]["w"].double(), module.history[-1])
+
+
+class BatchNormNet(pl.LightningModule):
+    """A linear layer and a BatchNorm whose running statistics change every training step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.3)
+
+    def training_step(self, batch, batch_idx):
+        return self.bn(self.lin(batch[0])).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_bn(tmp_path, steps: int, ckpt_path=None) -> dict:
+    """Fit ``steps`` optimizer steps (4 per epoch, fixed batch order) with EMA and a checkpoint every 4 steps
+    (``tmp_path/step=4.ckpt``, ...); returns the last checkpoint."""
+    data = TensorDataset(torch.randn(24, 3, generator=torch.Generator().manual_seed(2)) * 2 + 1, torch.zeros(24))
+    every_4 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=steps, logger=False, callbacks=[EMA(FixedDecay(0.8), evaluate_with="raw"), every_4],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    trainer.fit(BatchNormNet(), DataLoader(data, batch_size=6), ckpt_path=ckpt_path)
+    return torch.load(tmp_path / f"step={steps}.ckpt", weights_only=False)
+
+
+def test_running_statistics_are_copied_checkpointed_and_resumed(tmp_path):
+    """k-diffusion's ema_update: parameters averaged, buffers copied. After training the average's BatchNorm
+    running_mean / running_var / num_batches_tracked equal the raw model's current ones; they are in the
+    checkpoint, and a run resumed from one matches an uninterrupted run bit for bit."""
+    straight = _fit_bn(tmp_path / "straight", 8)
+    average, raw = straight["state_dict"], straight["current_model_state"]
+    for name in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        assert torch.equal(average[name], raw[name]), name
+    assert not torch.allclose(raw["bn.running_mean"], torch.zeros(4))  # the statistics did move
+    assert raw["bn.num_batches_tracked"] == 8
+    assert not torch.allclose(average["lin.weight"], raw["lin.weight"])  # parameters are averaged, not copied
+    resumed = _fit_bn(tmp_path / "resumed", 8, ckpt_path=tmp_path / "straight" / "step=4.ckpt")
+    for key in ("state_dict", "current_model_state"):
+        for name, value in straight[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from lightning_diff.builders import load_module
 from lightning_diff.data import EDM_PIXELS, DigitsDataModule, dequantize
 from lightning_diff.data.transforms import to_uint8
 from lightning_diff.evaluate import evaluate
+from lightning_diff.evaluation import generate
 from lightning_diff.likelihood import log_likelihood
 from lightning_diff.metrics import compute_metrics, fid_helper_weights_path
-from lightning_diff.sample import generate
+from lightning_diff.module import SamplerSettings
 from lightning_diff.train import train
 
-from .helpers import CONFIG_DIR, compose_config
+from .helpers import compose_config
 
 ODE = ["metrics.bpd.num_images=3", "metrics.bpd.batch_size=3", "metrics.bpd.rtol=1e-3", "metrics.bpd.atol=1e-3"]
 
@@ -32,12 +32,11 @@ def cache_dir(tmp_path_factory):
 
 
 def _evaluate_config(overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("evaluate", overrides=overrides)
+    return compose_config("evaluate", overrides)
 
 
 def _overrides(ckpt, cache_dir, *extra):
-    return [f"ckpt={ckpt}", "steps=2", "device=cpu", "progress=false", "metrics.num_images=4",
+    return [f"ckpt={ckpt}", "sampler.steps=2", "device=cpu", "progress=false", "metrics.num_images=4",
             "metrics.reference_num_images=8", "metrics.batch_size=8", f"metrics.cache_dir={cache_dir}", *extra]
 
 
@@ -66,9 +65,9 @@ def test_fid_is_the_library_fid_of_the_seeds_and_reference_named(first_run, digi
     """Recompute from scratch: sample seeds 0..3 with the recorded sampler, round, and score against the
     first 8 training images of the run's split, passed as images (no cache)."""
     module = load_module(digits_ckpt)
-    samples, _, _ = generate(module, range(4), batch_size=4, sampler="heun", steps=2,
-                             options={"S_churn": 0.0, "S_tmin": 0.0, "S_tmax": float("inf"), "S_noise": 1.0},
-                             progress=False)
+    heun = SamplerSettings(name="heun", steps=2, batch_size=4,
+                           options={"S_churn": 0.0, "S_tmin": 0.0, "S_tmax": float("inf"), "S_noise": 1.0})
+    samples, _, _ = generate(module, range(4), sampler=heun, progress=False)
     dm = DigitsDataModule(seed=0, val_fraction=0.1)
     dm.setup()
     reference = dm.train_set.source.tensors[0][:8]

@@ -2,6 +2,7 @@
 the loss each paper trains with, training densities (KS tests), derivatives and inverses."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def test_registry_has_all_eight():
     assert sorted(ALL) == sorted(["edm", "vp", "subvp", "ve", "ncsn", "ddpm", "iddpm", "rf"])
 
 
-# --- EDM Table 1 and its footnotes (MATH.md §2.3) ------------------------------------------------------
+# --- EDM Table 1 and its footnotes (docs/formulations.md#constants-and-their-sources) ---------------------------------
 def test_edm_table1_constants():
     vp = formulations.get("vp")
     s = vp.sigma(torch.tensor([1.0, 1e-3], dtype=f64))
@@ -52,61 +53,169 @@ def test_ddpm_grid_is_ho_et_al():
     torch.testing.assert_close(cos.alphas_cumprod[:990], f[:990], rtol=1e-10, atol=1e-12)
 
 
-# --- the ideal denoiser and the network's regression targets --------------------------------------------
-class OracleBackbone(torch.nn.Module):
-    """Returns F* = (D* - c_skip x)/c_out for the exact D* of Gaussian data; records its input."""
+# --- preconditioning: the papers' closed forms, NVlabs/edm, the ideal denoiser -----------------------------
+def _ddpm_linear_sigmas() -> torch.Tensor:
+    """Ho et al. 2020: beta linear 1e-4..0.02, T = 1000; sigma_i = sqrt((1 - abar_i) / abar_i), i = 0..999."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=f64), 0)
+    return ((1 - abar) / abar).sqrt()
 
-    def __init__(self, fm, gm):
-        super().__init__()
-        self.fm, self.gm, self.sigma = fm, gm, None
 
-    def forward(self, net_in, c_noise, labels=None):
-        self.net_in = net_in
-        sigma = self.sigma.reshape(-1, 1, 1, 1)
-        x = net_in / self.fm.c_in(sigma)
-        return (self.gm(x, sigma.flatten()) - self.fm.c_skip(sigma) * x) / self.fm.c_out(sigma)
+def _vp_t(sigma, B):
+    """Song et al. 2021 VP/sub-VP: B(t) = int_0^t beta = 0.1 t + 19.9 t^2 / 2 solved for t."""
+    return ((0.1**2 + 2 * 19.9 * B).sqrt() - 0.1) / 19.9
+
+
+def _closed_forms(name: str, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(c_skip, c_out, c_in, c_noise)`` of each paper at ``sigma`` (default constants), written out here:
+    EDM Table 1 (VP, VE, iDDPM, EDM; docs/formulations.md#the-families); sub-VP from score_sde's ``subVPSDE`` (x_t =
+    sqrt(abar) y +
+    (1 - abar) n, score = -F / (1 - abar), so sigma = 2 sinh(B/2), s = sqrt(abar) = (sqrt(sigma^2 + 4) - sigma)/2);
+    DDPM from Ho et al. (eps-prediction, x_t = sqrt(abar_i) (y + sigma_i n), the 0-based index i fed);
+    NCSN (Song & Ermon 2019; NCSNv2 s = F / sigma, so D = x + sigma F; the level index fed); rectified flow
+    (docs/formulations.md#rf: x_t = (1 - t) y + t eps, t = sigma / (1 + sigma), v-prediction, 999 t fed)."""
+    one = torch.ones_like(sigma)
+    if name == "edm":
+        sd = 0.5
+        return sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sd**2 + sigma**2).sqrt(), \
+            sigma.log() / 4
+    if name == "vp":
+        return one, -sigma, 1 / (sigma**2 + 1).sqrt(), 999 * _vp_t(sigma, torch.log(1 + sigma**2))
+    if name == "subvp":
+        return one, -sigma, ((sigma**2 + 4).sqrt() - sigma) / 2, 999 * _vp_t(sigma, 2 * torch.asinh(sigma / 2))
+    if name == "ve":
+        return one, sigma, one, (sigma / 2).log()
+    if name == "ncsn":  # sigma_i = 1 * (0.01 / 1)^(i / 9), i = 0..9
+        return one, sigma, one, torch.round(-4.5 * torch.log10(sigma))
+    if name == "ddpm":
+        index = (sigma.reshape(-1, 1) - _ddpm_linear_sigmas()).abs().argmin(1).to(f64)
+        return one, -sigma, 1 / (1 + sigma**2).sqrt(), index
+    if name == "iddpm":
+        u = formulations.get("iddpm").u  # the grid itself is pinned by test_edm_table1_constants
+        return one, -sigma, 1 / (sigma**2 + 1).sqrt(), 999 - (sigma.reshape(-1, 1) - u[:1000]).abs().argmin(1).to(f64)
+    assert name == "rf"
+    return 1 / (1 + sigma), -sigma / (1 + sigma), 1 / (1 + sigma), 999 * sigma / (1 + sigma)
+
+
+def _test_sigmas(fm) -> torch.Tensor:
+    """Noise levels the network of ``fm`` knows: a log-spaced range, or grid levels for discrete families."""
+    if fm.discrete:
+        return fm.grid[torch.linspace(0, fm.grid.numel() - 1, 7).round().long()].to(f64)
+    return torch.logspace(math.log10(fm.sigma_min), math.log10(fm.sigma_max), 9, dtype=f64)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_ideal_target_gives_closed_form_denoiser(name):
+def test_preconditioning_is_the_papers_closed_form(name):
+    fm = formulations.get(name)
+    sigma = _test_sigmas(fm)
+    ours = (fm.c_skip(sigma), fm.c_out(sigma), fm.c_in(sigma), fm.c_noise(sigma))
+    for what, a, b in zip(("c_skip", "c_out", "c_in", "c_noise"), ours, _closed_forms(name, sigma), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, w=what: f"{name} {w}: {m}")
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for a backbone in NVlabs/edm's preconditioners and ours: records its input and noise label
+    and returns the fixed ``F`` (the first ``out_channels`` of it)."""
+
+    F: torch.Tensor
+
+    def __init__(self, img_resolution=4, in_channels=1, out_channels=1, label_dim=0, **kwargs):
+        super().__init__()
+        self.out_channels = out_channels
+
+    def forward(self, x, noise_labels, class_labels=None, labels=None):
+        self.x_in, self.noise_labels = x, noise_labels
+        return RecordingModel.F.repeat(1, self.out_channels // RecordingModel.F.shape[1], 1, 1).to(x.dtype)
+
+
+@pytest.mark.parametrize(("name", "precond"), [("vp", "VPPrecond"), ("ve", "VEPrecond"), ("iddpm", "iDDPMPrecond"),
+                                               ("edm", "EDMPrecond")])
+def test_preconditioning_equals_nvlabs_edm(name, precond, monkeypatch):
+    """Same x, sigma and network output F through NVlabs/edm's preconditioner and our Denoiser: the same D, the
+    same network input c_in x and the same c_noise (EDM Table 1 as its authors coded it)."""
+    reference = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "edm"
+    if not (reference / "training" / "networks.py").is_file():
+        pytest.skip(f"the official NVlabs/edm code is not at {reference}")
+    monkeypatch.syspath_prepend(str(reference))
+    from training import networks
+
+    monkeypatch.setattr(networks, "RecordingModel", RecordingModel, raising=False)
+    theirs = getattr(networks, precond)(img_resolution=4, img_channels=1, model_type="RecordingModel")
+    fm = formulations.get(name)
+    g = torch.Generator().manual_seed(0)
+    sigma = _test_sigmas(fm).float()
+    x = torch.randn(len(sigma), 1, 4, 4, generator=g)
+    RecordingModel.F = torch.randn(x.shape, generator=g)
+    D_theirs = theirs(x, sigma)
+    their_in, their_noise = theirs.model.x_in, theirs.model.noise_labels
+    ours = Denoiser(RecordingModel(), fm)
+    D_ours = ours(x, sigma)
+    torch.testing.assert_close(D_ours, D_theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.backbone.x_in, their_in, rtol=1e-5, atol=1e-6)
+    # atol 1e-3 of c_noise's 0..999 range: NVlabs' float32 log(1 + sigma^2) loses digits at VP's sigma_min
+    # = 0.0032 (c_noise 0.00999 there, theirs 5% off); ours uses log1p.
+    torch.testing.assert_close(ours.backbone.noise_labels, their_noise.float(), rtol=1e-5, atol=1e-3)
+
+
+class PaperTarget(torch.nn.Module):
+    """Returns what each paper's network regresses on, computed from the exact D* of Gaussian data and the
+    papers' definitions (never from the formulation): eps = (x - D*) / sigma for the eps-prediction families,
+    sigma * score = (D* - x) / sigma for VE/NCSN, v = eps - y for rectified flow, and EDM's effective target
+    (D* - c_skip x) / c_out with EDM Table 1's c_skip, c_out (sigma_data = 0.5)."""
+
+    def __init__(self, name, x, sigma, D_star):
+        super().__init__()
+        self.name, self.x, self.sigma, self.D_star = name, x, sigma.reshape(-1, 1, 1, 1), D_star
+
+    def forward(self, net_in, c_noise, labels=None):
+        x, sigma, D_star = self.x, self.sigma, self.D_star
+        eps = (x - D_star) / sigma
+        if self.name in ("vp", "subvp", "ddpm", "iddpm"):
+            return eps
+        if self.name in ("ve", "ncsn"):
+            return -eps
+        if self.name == "rf":
+            return eps - D_star
+        assert self.name == "edm"
+        return (D_star - 0.25 / (sigma**2 + 0.25) * x) / (sigma * 0.5 / (sigma**2 + 0.25).sqrt())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_papers_ideal_target_gives_the_closed_form_denoiser(name):
+    """D* = MU + s^2 / (s^2 + sigma^2) (x - MU) for y ~ N(MU, s^2 I) (docs/formulations.md#the-ideal-denoiser): a
+    network that outputs its
+    paper's ideal target makes the Denoiser return D*."""
     fm = formulations.get(name)
     mu, s = 0.3, 0.5
     gm = GaussianMixture(torch.full((16,), mu, dtype=f64), s, shape=(1, 4, 4))
     g = torch.Generator().manual_seed(1)
     y = gm.sample(64, g)
     sigma = fm.round_sigma(fm.sample_training_sigma((64,), g).to(f64))
-    n = torch.randn(y.shape, generator=g, dtype=f64)
-    x = y + sigma.reshape(-1, 1, 1, 1) * n
-    backbone = OracleBackbone(fm, gm)
-    backbone.sigma = sigma
-    D = Denoiser(backbone, fm)(x, sigma)
+    x = y + sigma.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g, dtype=f64)
     sv = sigma.reshape(-1, 1, 1, 1)
-    D_star = mu + s**2 / (s**2 + sv**2) * (x - mu)  # MATH.md §2.1
+    D_star = mu + s**2 / (s**2 + sv**2) * (x - mu)
+    D = Denoiser(PaperTarget(name, x, sigma, D_star), fm)(x, sigma)
     torch.testing.assert_close(D, D_star, rtol=1e-9, atol=1e-9)
-    eps_hat = (x - D_star) / sv
-    F = backbone(backbone.net_in, None)
-    # What each paper's network regresses on, from the papers' own definitions:
-    expected = {
-        "vp": eps_hat, "subvp": eps_hat, "ddpm": eps_hat, "iddpm": eps_hat,  # epsilon-prediction
-        "ve": -eps_hat, "ncsn": -eps_hat,  # sigma * score (NCSNv2 scale_by_sigma)
-        "rf": eps_hat - D_star,  # velocity v = eps - y
-    }
-    if name in expected:
-        torch.testing.assert_close(F, expected[name], rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ddpm"])
 def test_network_input_is_the_papers_x_t(name):
-    """VP-type families feed the network x_t = s(t) (y + sigma n) (Ho 2020; Song 2021)."""
+    """VP-type families feed the network each paper's x_t: VP (Song et al. 2021) sqrt(abar) y + sqrt(1 - abar) n,
+    sub-VP sqrt(abar) y + (1 - abar) n, with abar = exp(-(0.1 t + 19.9 t^2 / 2)); DDPM (Ho et al. eq. 4)
+    sqrt(abar_i) y + sqrt(1 - abar_i) n. In EDM's frame x = x_t / sqrt(abar) = y + sigma n."""
     fm = formulations.get(name)
-    sigma = fm.round_sigma(torch.tensor([0.05, 0.9, 7.0], dtype=f64))
-    x = torch.randn(3, 5, dtype=f64)
-    t = fm.t_of_sigma(sigma)
-    torch.testing.assert_close(fm.c_in(sigma)[:, None] * x, fm.s(t)[:, None] * x)
-    if name == "ddpm":  # s = sqrt(abar_i) of timestep i
-        i = fm.timestep_index(sigma)
-        torch.testing.assert_close(fm.c_in(sigma), fm.alphas_cumprod[i].sqrt())
-        torch.testing.assert_close(fm.c_noise(sigma), i.to(f64))
+    if name == "ddpm":
+        i = torch.tensor([0, 10, 500, 999])
+        abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=f64), 0)[i]
+        std = (1 - abar).sqrt()
+    else:
+        t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=f64)
+        abar = torch.exp(-(0.1 * t + 19.9 * t**2 / 2))
+        std = (1 - abar).sqrt() if name == "vp" else 1 - abar
+        torch.testing.assert_close(fm.sigma(t), std / abar.sqrt())
+    sigma = (std / abar.sqrt())[:, None]
+    y, n = torch.randn(4, 5, dtype=f64), torch.randn(4, 5, dtype=f64)
+    x_t = abar.sqrt()[:, None] * y + std[:, None] * n
+    torch.testing.assert_close(fm.c_in(sigma) * (y + sigma * n), x_t)
 
 
 def test_rf_input_is_linear_interpolation():

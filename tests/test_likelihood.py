@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_diff import formulations
 from lightning_diff.analytic import GaussianMixture
-from lightning_diff.data.transforms import DataTransform, dequantize
+from lightning_diff.data.toy2d import ring_of_gaussians
+from lightning_diff.data.transforms import DataTransform, bpd_offset
+from lightning_diff.denoiser import Denoiser
 from lightning_diff.likelihood import (
     bits_per_dim,
     log_likelihood,
@@ -74,39 +77,94 @@ def test_hutchinson_with_gaussian_probes_is_unbiased():
     assert err.mean().abs() < 4 * err.std() / math.sqrt(n)
 
 
-def test_bits_per_dim_offsets_and_dequantized_ode():
-    assert bits_per_dim(torch.zeros(1), 3, scale=2 / 256).item() == pytest.approx(7.0)
-    assert bits_per_dim(torch.zeros(1), 3, scale=1 / 127.5).item() == pytest.approx(math.log2(127.5))
-    assert math.log2(127.5) == pytest.approx(6.9944, abs=1e-4)
-    # Dequantized ODE bpd of integer data = the exact density's bpd of the same dequantized points.
-    scale, offset, d = 1 / 127.5, -1.0, 3
+def test_bits_per_dim_offsets_are_the_papers_constants():
+    """-log2(scale) bits/dim (docs/likelihood.md#bits-per-dim), pinned to the papers' numbers: 7 for score_sde's (x +
+    u) / 256
+    centred to [-1, 1) (scale 2/256), 8 for [0, 1) (scale 1/256), log2(127.5) = 6.99435 for EDM's /127.5 - 1."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert bits_per_dim(zero, 3, scale=2 / 256).item() == 7.0
+    assert bits_per_dim(zero, 3, scale=1 / 256).item() == 8.0
+    assert bits_per_dim(zero, 3, scale=1 / 127.5).item() == pytest.approx(6.994353436858858, abs=1e-12)
+    for scale, offset in ((2 / 256, 7.0), (1 / 256, 8.0), (1 / 127.5, 6.994353436858858)):
+        assert bpd_offset(DataTransform(scale=scale, offset=-1.0)) == pytest.approx(offset, abs=1e-12)
+    # log p = -3 d ln 2 nats is 3 bits/dim of z, plus the offset.
+    assert bits_per_dim(torch.tensor([-3 * 5 * math.log(2)]), 5, scale=2 / 256).item() == pytest.approx(10.0)
+
+
+def _gaussian_nll_bpd(z: torch.Tensor, std: float) -> torch.Tensor:
+    """-log2 N(z; MU, std^2 I) / d for z [B, d], from the Gaussian density itself."""
+    nats = 0.5 * math.log(2 * math.pi * std**2) + (z - MU) ** 2 / (2 * std**2)
+    return nats.mean(1) / math.log(2)
+
+
+def test_dequantized_ode_bpd_is_the_density_of_the_dequantized_points():
+    """EDM pixels z = (x_int + u) / 127.5 - 1 with u ~ U[0, 1)^d drawn from the generator (the draw
+    ode_bits_per_dim makes first, exact divergence draws nothing else): per image, the ODE bits/dim equal
+    -log2 N(z; MU, S^2 + sigma_min^2) / d + log2(127.5) written out here."""
+    d = 3
     gm = _gaussian(d)
-    x_int = ((gm.sample(4, torch.Generator().manual_seed(2)) + 1) * 127.5).round().clamp(0, 255)
+    x_int = ((gm.sample(4, torch.Generator().manual_seed(2)) + 1) * 127.5).floor().clamp(0, 255)
     bpd, info = ode_bits_per_dim(
-        gm,
-        x_int,
-        scale=scale,
-        offset=offset,
-        sigma_min=SIGMA_MIN,
-        sigma_max=SIGMA_MAX,
-        passes=2,
-        divergence="exact",
-        generator=torch.Generator().manual_seed(3),
+        gm, x_int, scale=1 / 127.5, offset=-1.0, sigma_min=SIGMA_MIN, sigma_max=1e4, divergence="exact",
+        generator=torch.Generator().manual_seed(3), rtol=1e-7, atol=1e-7,
     )
-    g = torch.Generator().manual_seed(3)
-    expected = (
-        sum(
-            bits_per_dim(
-                gm.log_prob(dequantize(x_int, g, DataTransform(scale, offset), dtype=torch.float64), SIGMA_MIN),
-                d,
-                scale=scale,
-            )
-            for _ in range(2)
-        )
-        / 2
-    )
-    torch.testing.assert_close(bpd, expected, rtol=2e-3, atol=0.0)
+    u = torch.rand(x_int.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = (x_int + u) / 127.5 - 1
+    expected = _gaussian_nll_bpd(z, math.sqrt(S**2 + SIGMA_MIN**2)) + math.log2(127.5)
+    # sigma_max = 1e4 keeps the prior's per-image error (about MU |x_T| / sigma_max^2) far below the 0.0056
+    # bits/dim between log2(127.5) and 7.
+    torch.testing.assert_close(bpd, expected, rtol=0.0, atol=2e-4)
     assert info["nfe"] > 0
+
+
+def test_dequantized_ode_bpd_bounds_the_discrete_nll_of_a_coarse_toy():
+    """Four levels x_int in {0..3}, z = (x_int + u) / 2 - 1 (scale 1/2, offset 1 bit/dim), model density the
+    exact N(MU, s^2 I), s^2 = 0.25^2 + sigma_min^2. Its discrete probability is P(x_int) = prod_i [Phi((hi_i - MU)
+    / s) - Phi((lo_i - MU) / s)] over the bins [x_int / 2 - 1, (x_int + 1) / 2 - 1). Uniform dequantization gives
+    an upper bound (Jensen; docs/likelihood.md#bits-per-dim): bpd >= -log2 P / d. Its expectation over u is closed form,
+    (log(2 pi s^2) / 2 + ((c - MU)^2 + 1/48) / (2 s^2)) / ln 2 + 1 per dim (c the bin centre, 1/48 = width^2 / 12):
+    the ODE bits/dim average to it, and the gap to the discrete NLL is visible at this bin width."""
+    d, n, passes, std = 4, 32, 8, 0.25
+    gm, s = GaussianMixture(torch.full((d,), MU), std), math.sqrt(std**2 + SIGMA_MIN**2)
+    x_int = ((gm.sample(n, torch.Generator().manual_seed(6)) + 1) * 2).floor().clamp(0, 3)
+    lo, hi = x_int / 2 - 1, (x_int + 1) / 2 - 1
+    normal = torch.distributions.Normal(torch.tensor(MU, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
+    discrete = -torch.log2(normal.cdf(hi) - normal.cdf(lo)).mean(1)
+    centre = (lo + hi) / 2
+    nats = 0.5 * math.log(2 * math.pi * s**2) + ((centre - MU) ** 2 + 1 / 48) / (2 * s**2)
+    expected = nats.mean(1) / math.log(2) + 1.0
+    g = torch.Generator().manual_seed(7)
+    per_pass = torch.stack([
+        ode_bits_per_dim(gm, x_int, scale=0.5, offset=-1.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                         divergence="exact", generator=g, rtol=1e-4, atol=1e-4)[0]
+        for _ in range(passes)
+    ])  # [passes, n]
+    err = (per_pass - expected).flatten()
+    se = err.std().item() / math.sqrt(err.numel())
+    assert (expected > discrete).all()  # Jensen, strictly: the density varies within the bins
+    assert abs(err.mean().item()) < 4 * se
+    gap = (per_pass.mean() - discrete.mean()).item()
+    assert gap > 5 * se and gap == pytest.approx((expected - discrete).mean().item(), abs=4 * se)
+
+
+def test_ode_prior_refuses_a_small_sigma_max_and_matches_the_mixture_at_50():
+    """The ring of 8 Gaussians (mean square 0.51 per dimension) with its exact denoiser and divergence: at
+    sigma_max = 50 the ODE log-density equals the exact mixture density; at sigma_max = 1 (NCSN's default)
+    the N(0, sigma_max^2 I) prior is off by -0.045 nats/dim on average (within the bound m2 / (2 sigma_max^2)
+    = 0.25), which the call refuses, naming sigma_max, the bias bound and the allowed range."""
+    gm = ring_of_gaussians()
+    x = gm.sample(48, torch.Generator().manual_seed(8))
+    exact = gm.log_prob(x, SIGMA_MIN)
+    kw = dict(sigma_min=SIGMA_MIN, divergence="exact", rtol=1e-7, atol=1e-7)
+    log_prob, info = log_likelihood(gm, x, sigma_max=50.0, **kw)
+    torch.testing.assert_close(log_prob, exact, rtol=0.0, atol=1e-3)
+    assert info["prior_bias_bound"] == pytest.approx(x.pow(2).mean().item() / (2 * 50.0**2))
+    with pytest.raises(ValueError, match=r"likelihood\.sigma_max=1 is too small .* up to 0\.2\d* nats/dim .*"
+                                         r"allowed: sigma_max >= 1[56]\.\d+"):
+        log_likelihood(gm, x, sigma_max=1.0, **kw)
+    biased, info = log_likelihood(gm, x, sigma_max=1.0, max_prior_bias=math.inf, **kw)
+    bias = (biased - exact).mean() / 2
+    assert -info["prior_bias_bound"] < bias < -0.01  # the refused bias is real and inside its bound
 
 
 def _discrete_gaussian_nll_bpd(x_int, scale, offset):
@@ -154,6 +212,62 @@ def test_vlb_of_exact_model_bounds_true_nll_and_is_close():
     # the large variance gives the tighter bound (Ho et al. 2020 sec. 3.2; Nichol & Dhariwal Fig. 2).
     assert vlb["fixed_small"] > vlb["fixed_large"] > true_bpd
     assert vlb["fixed_large"] - true_bpd < 0.025 * true_bpd
+
+
+class EpsAndVariance(torch.nn.Module):
+    """A 2C-channel head ``[eps(x_t, t), v(x_t, t)]``: any smooth functions serve; the learned-variance path must
+    read ``v`` as iDDPM does (Nichol & Dhariwal 2021 eq. 15)."""
+
+    def forward(self, x_t, t, labels=None):
+        t = t.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return torch.cat([0.8 * x_t + 0.1 * torch.sin(t / 7), torch.tanh(1.5 * x_t - t / 40)], dim=1)
+
+
+def test_vlb_learned_variance_refuses_an_untrained_head():
+    """A variance head that no loss trained (every model trained today: the loss reads the first C channels)
+    is refused by name, before any network call."""
+    ddpm = formulations.get("ddpm", num_timesteps=40)
+    x_int = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"variance='learned'.*never trained.*allowed: fixed_small, fixed_large"):
+        vlb_bits_per_dim(Denoiser(EpsAndVariance(), ddpm), x_int, ddpm, scale=1 / 127.5, offset=-1.0,
+                         variance="learned")
+    with pytest.raises(ValueError, match=r"variance='learned' needs a lightning_diff Denoiser"):
+        vlb_bits_per_dim(_gaussian(4), x_int, ddpm, scale=1 / 127.5, offset=-1.0, variance="learned")
+
+
+def test_vlb_learned_variance_equals_guided_diffusion(monkeypatch):
+    """Every term of the bound of a head marked as trained equals openai/guided-diffusion's ``_vb_terms_bpd``
+    (LEARNED_RANGE, epsilon mean, clipped x_0) and ``_prior_bpd`` on the same x_t, T = 40 linear betas."""
+    reference = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+    if not (reference / "guided_diffusion").is_dir():
+        pytest.skip(f"the official guided-diffusion code is not at {reference / 'guided_diffusion'}")
+    monkeypatch.syspath_prepend(str(reference))
+    from guided_diffusion import gaussian_diffusion as gd
+    from guided_diffusion import losses
+
+    # iDDPM's decoder uses a tanh approximation of the normal CDF; compare against the exact one we use.
+    monkeypatch.setattr(losses, "approx_standard_normal_cdf", lambda x: torch.distributions.Normal(0.0, 1.0).cdf(x))
+    T = 40
+    ddpm = formulations.get("ddpm", num_timesteps=T)
+    betas = gd.get_named_beta_schedule("linear", T)
+    torch.testing.assert_close(ddpm.betas, torch.from_numpy(betas))
+    theirs = gd.GaussianDiffusion(betas=betas, model_mean_type=gd.ModelMeanType.EPSILON,
+                                  model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE)
+    head = EpsAndVariance()
+    x_int = torch.randint(0, 256, (3, 2, 2, 2), generator=torch.Generator().manual_seed(9)).double()
+    bpd, info = vlb_bits_per_dim(Denoiser(head, ddpm, variance_trained=True), x_int, ddpm, scale=1 / 127.5,
+                                 offset=-1.0, variance="learned", generator=torch.Generator().manual_seed(10))
+    x0, g = x_int / 127.5 - 1, torch.Generator().manual_seed(10)  # our loop draws the noise of t = 0, 1, ...
+    for t in range(T):
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        t_batch = torch.full((3,), t, dtype=torch.long)
+        x_t = theirs.q_sample(x0, t_batch, noise)
+        term = theirs._vb_terms_bpd(head, x0, x_t, t_batch, clip_denoised=True)["output"]
+        torch.testing.assert_close(info["terms_bpd"][t], term.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(info["prior_bpd"], theirs._prior_bpd(x0).double(), rtol=1e-4, atol=1e-7)
+    fixed, _ = vlb_bits_per_dim(Denoiser(head, ddpm), x_int, ddpm, scale=1 / 127.5, offset=-1.0,
+                                generator=torch.Generator().manual_seed(10))
+    assert (bpd - fixed).abs().min() > 1e-3  # the variance channels really change the bound
 
 
 def test_bad_settings_raise():

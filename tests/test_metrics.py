@@ -1,5 +1,6 @@
-"""Sample-quality metrics: our FID path against torch-fidelity, the TorchScript weights conversion,
-sufficient statistics, caching and the clear errors (offline, tiny image counts)."""
+"""Sample-quality metrics: our FID/KID, IS and precision/recall paths against torch-fidelity (IS and PR on
+random-initialised weights files), the TorchScript weights conversion, sufficient statistics, caching and the
+clear errors (offline, tiny image counts)."""
 
 from __future__ import annotations
 
@@ -121,6 +122,56 @@ def test_fid_and_kid_equal_torch_fidelity_calculate_metrics(weights, sets, fid_m
     assert ours["fid"] == pytest.approx(fid_tf, rel=1e-4)
     assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
     assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def random_fc_inception(weights, tmp_path_factory):
+    """A full ``inception-v3-compat`` state dict: the offline pool3 weights and a random-initialised 1008-class
+    layer (the logits IS reads), so the IS path runs without torch-fidelity's download."""
+    ts_path, cache = weights
+    state = torch.load(resolve_inception_weights(ts_path, cache)[1], weights_only=True)
+    g = torch.Generator().manual_seed(11)
+    state["fc.weight"] = 0.05 * torch.randn(1008, 2048, generator=g)
+    state["fc.bias"] = 0.1 * torch.randn(1008, generator=g)
+    path = tmp_path_factory.mktemp("random_weights") / "inception-random-fc.pth"
+    torch.save(state, path)
+    return str(path), cache
+
+
+def test_inception_score_equals_torch_fidelity_on_random_logits(random_fc_inception, sets):
+    """Same images, same weights file: our IS (logits gathered, torch-fidelity's isc_features_to_metric) equals
+    torch-fidelity's calculate_metrics(isc=True) with its own loader, splits and shuffling seed."""
+    path, cache = random_fc_inception
+    gen = torch.cat([sets[0][:6], sets[1][:6]])
+    ours = compute_metrics(gen, None, ("is",), inception_weights=path, cache_dir=cache, device="cpu", batch_size=5,
+                           isc_splits=3)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_ImagesOnly(gen), isc=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=path, isc_splits=3, cuda=False, cache=False, save_cpu_ram=True, verbose=False,
+    )
+    assert theirs["inception_score_mean"] > 1.05  # the random logits are not uniform: the test can tell
+    assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)
+    assert ours["is_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-4, abs=1e-7)
+
+
+def test_precision_recall_equal_torch_fidelity_on_random_vgg16(tmp_path, sets):
+    """Same images, same random-initialised torchvision VGG16 weights file (torch-fidelity's ``vgg16``
+    extractor, fc7 after ReLU, k = 3; Kynkäänniemi et al. 2019): our precision/recall equal torch-fidelity's."""
+    import torchvision
+
+    torch.manual_seed(12)
+    path = tmp_path / "vgg16-random.pth"
+    torch.save(torchvision.models.vgg16().state_dict(), path)
+    gen = torch.cat([sets[0][:3], sets[1][:2]])  # part noise, part smooth: neither score is trivially 0 or 1
+    ref = _images(5, 2, smooth=True)
+    ours = compute_metrics(gen, ref, ("pr",), vgg16_weights=str(path), device="cpu", batch_size=4)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_ImagesOnly(gen), input2=_ImagesOnly(ref), prc=True, feature_extractor="vgg16",
+        feature_extractor_weights_path=str(path), prc_neighborhood=3, cuda=False, cache=False, save_cpu_ram=True,
+        verbose=False,
+    )
+    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+    assert 0 < theirs["precision"] < 1 or 0 < theirs["recall"] < 1
 
 
 def test_fid_of_a_set_against_itself_is_zero_with_grey_replicated(weights):

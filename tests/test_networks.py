@@ -197,6 +197,83 @@ def test_gradient_reaches_every_parameter(preset):
     assert not silent, silent
 
 
+# --- the CPU presets: TinyUNet and MLP ---------------------------------------------------------------------
+CPU = ["tiny_unet", "mlp"]
+
+
+def build_cpu(preset: str, **overrides) -> torch.nn.Module:
+    """``configs/network/<preset>.yaml`` with the data settings of 3 x 8 x 8 images (TinyUNet) or 2-D points."""
+    data = dict(in_channels=CH, resolution=RES) if preset == "tiny_unet" else dict(dim=2)
+    cfg = OmegaConf.load(CONFIGS / f"{preset}.yaml")
+    return hydra.utils.instantiate(cfg, **(data | dict(num_classes=0) | overrides))
+
+
+def cpu_inputs(preset: str, batch: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, CH, RES, RES) if preset == "tiny_unet" else (batch, 2)
+    return torch.randn(shape, generator=g), torch.randn(batch, generator=g)
+
+
+@pytest.mark.parametrize("res", [8, 16])
+def test_tiny_unet_output_shape_with_learned_variance(res):
+    net = build_cpu("tiny_unet", resolution=res, out_channels=2 * CH, num_classes=4, attn_resolutions=[res // 2])
+    out = net(torch.randn(3, CH, res, res), torch.randn(3), torch.tensor([0, 1, 3]))
+    assert out.shape == (3, 2 * CH, res, res) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_mlp_output_shape(dim):
+    net = build_cpu("mlp", dim=dim, num_classes=4)
+    out = net(torch.randn(3, dim), torch.randn(3), torch.tensor([0, 1, 3]))
+    assert out.shape == (3, dim) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("preset", CPU)
+def test_cpu_preset_output_is_zero_initialised(preset):
+    # Both zero their last layer, so an untrained Denoiser is exactly c_skip(sigma) x (EDM eq. 7).
+    fm = formulations.get("edm")
+    x, _ = cpu_inputs(preset)
+    sigma = torch.tensor([0.5, 3.0])
+    D = Denoiser(build_cpu(preset), fm).eval()
+    assert torch.equal(D(x, sigma), fm.c_skip(sigma).reshape(-1, *([1] * (x.ndim - 1))) * x)
+
+
+@pytest.mark.parametrize("preset", CPU)
+def test_cpu_preset_conditioning_changes_output(preset):
+    net = randomize(build_cpu(preset, num_classes=4)).eval()
+    x, c_noise = cpu_inputs(preset)
+    base = net(x, c_noise, torch.tensor([0, 0]))
+    assert not torch.allclose(base, net(x, c_noise, torch.tensor([1, 1])))  # another class
+    assert not torch.allclose(base, net(x, c_noise, None))  # the learned null label
+    assert not torch.allclose(base, net(x, c_noise + 1, torch.tensor([0, 0])))  # another noise level
+    assert torch.equal(base, net(x, c_noise, torch.tensor([0, 0])))  # deterministic in eval mode
+
+
+@pytest.mark.parametrize("preset", CPU)
+def test_cpu_preset_label_dropout_swaps_in_the_null_label(preset):
+    net = randomize(build_cpu(preset, num_classes=4, label_dropout=0.5))
+    x, _ = cpu_inputs(preset, batch=1)
+    x, c_noise, labels = x.expand(16, *x.shape[1:]), torch.zeros(16), torch.full((16,), 2)
+    net.eval()
+    cond, null = net(x[:1], c_noise[:1], labels[:1]), net(x[:1], c_noise[:1], None)
+    net.train()
+    out = net(x, c_noise, labels)
+    is_cond = (out - cond).flatten(1).abs().amax(1) < 1e-5
+    is_null = (out - null).flatten(1).abs().amax(1) < 1e-5
+    assert torch.all(is_cond ^ is_null) and is_cond.any() and is_null.any()
+
+
+@pytest.mark.parametrize("preset", CPU)
+def test_cpu_preset_gradient_reaches_every_parameter(preset):
+    layers = dict(attn_resolutions=[8, 4], num_blocks=2) if preset == "tiny_unet" else dict(depth=2)
+    net = randomize(build_cpu(preset, num_classes=4, **layers))
+    x, c_noise = cpu_inputs(preset, batch=4)
+    out = net(x, c_noise, torch.tensor([0, 1, 2, 3]))
+    (out * torch.randn_like(out)).sum().backward()
+    silent = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, silent
+
+
 # --- bad settings -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make,match", [
     (lambda: SongUNet(encoder_type="fancy"), "encoder_type='fancy'"),

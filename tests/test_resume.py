@@ -1,7 +1,11 @@
 """Exact resume: N steps -> stop (or SIGKILL) -> ckpt_path=last -> N more equals 2N uninterrupted steps,
-bit for bit on the CPU (weights, EMA, optimizer); the W&B run continues; checkpoints are atomic."""
+bit for bit on the CPU (weights, EMA, optimizer); the W&B run continues; checkpoints are atomic. The
+comparison can fail: the same resume with the random states or the data-loader position dropped ends
+elsewhere."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_diff.checkpoint_io import AtomicCheckpointIO, ResumableDataLoader, resumable
+from lightning_diff.callbacks import checkpoint as run_state
+from lightning_diff.checkpoint_io import AtomicCheckpointIO, ResumableDataLoader, load_checkpoint
 from lightning_diff.data import Toy2DDataModule
 from lightning_diff.train import compose, finish_logging, train
 
@@ -38,7 +43,7 @@ def _run(out_dir, steps, *extra):
 
 
 def _assert_same_state(a_path, b_path):
-    a, b = (torch.load(p, map_location="cpu", weights_only=False) for p in (a_path, b_path))
+    a, b = (load_checkpoint(p) for p in (a_path, b_path))
     assert a["global_step"] == b["global_step"]
     for key in ("state_dict", "current_model_state"):  # EMA and raw weights
         assert a[key].keys() == b[key].keys()
@@ -52,20 +57,30 @@ def _assert_same_state(a_path, b_path):
     assert a["nonfinite_steps"] == b["nonfinite_steps"]
 
 
-def test_stop_resume_equals_uninterrupted(tmp_path):
+def test_stop_resume_equals_uninterrupted(tmp_path, monkeypatch):
     reference = _run(tmp_path / "reference", 20, "~logger")
     first = _run(tmp_path / "resumed", 10, "logger=wandb")
-    saved = torch.load(first["checkpoint"], weights_only=False)
+    saved = load_checkpoint(first["checkpoint"])
     assert saved["global_step"] == 10 and saved["wandb_run_id"]
     (loader_state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state["batches"] == 10  # the data-loader position, mid-epoch
+    for broken in ("rng_dropped", "position_dropped"):  # the same first half, for the negative controls
+        shutil.copytree(tmp_path / "resumed", tmp_path / broken)
     second = _run(tmp_path / "resumed", 20, "logger=wandb", "ckpt_path=last")
-    assert Path(second["wandb_run"]).name.endswith(saved["wandb_run_id"])  # the same W&B run continues
+    # the same W&B run continues (wandb suffixes "-1" to the folder when one of that name exists)
+    assert re.fullmatch(rf"offline-run-\d+_\d+-{saved['wandb_run_id']}(-\d+)?", Path(second["wandb_run"]).name)
     _assert_same_state(reference["checkpoint"], second["checkpoint"])
-    # the test can fail: a resume that restarts the epoch (or loses the RNG state) ends elsewhere
-    third = _run(tmp_path / "other", 20, "~logger", "seed=1")
-    with pytest.raises(AssertionError):
-        _assert_same_state(reference["checkpoint"], third["checkpoint"])
+    # the comparison can fail: the same resume without restoring the random states, or the loader position
+    with monkeypatch.context() as patch:
+        patch.setattr(run_state, "set_rng_states", lambda states: None)
+        rng_dropped = _run(tmp_path / "rng_dropped", 20, "~logger", "ckpt_path=last")
+    with monkeypatch.context() as patch:
+        patch.setattr(ResumableDataLoader, "load_state_dict", lambda self, state: None)
+        position_dropped = _run(tmp_path / "position_dropped", 20, "~logger", "ckpt_path=last")
+    for broken in (rng_dropped, position_dropped):
+        assert load_checkpoint(broken["checkpoint"])["global_step"] == 20
+        with pytest.raises(AssertionError):
+            _assert_same_state(reference["checkpoint"], broken["checkpoint"])
 
 
 SLEEP_CALLBACK = '''
@@ -94,13 +109,13 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and process.poll() is None:
             # checkpoints are written atomically, so a file that exists is complete
-            if last.exists() and torch.load(last, weights_only=False)["global_step"] >= 10:
+            if last.exists() and load_checkpoint(last)["global_step"] >= 10:
                 break
             time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    killed_at = torch.load(last, weights_only=False)["global_step"]
+    killed_at = load_checkpoint(last)["global_step"]
     assert 10 <= killed_at < 30, killed_at  # killed mid-run
     resumed = _run(out, 30, "~logger", f"ckpt_path={last}")
     reference = _run(tmp_path / "reference", 30, "~logger")
@@ -109,7 +124,8 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
 
 def test_resumable_loader_continues_mid_epoch():
     datamodule = Toy2DDataModule(num_samples=100, num_val_samples=10, batch_size=16)
-    loader = resumable(datamodule.train_dataloader())
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader)
     loader.sampler.set_epoch(3)
     epoch = [x for x, _ in loader]
     loader.sampler.set_epoch(3)
@@ -118,8 +134,7 @@ def test_resumable_loader_continues_mid_epoch():
         next(iterator)
     state = loader.state_dict()
     assert state["batches"] == 4
-    fresh = resumable(Toy2DDataModule(num_samples=100, num_val_samples=10, batch_size=16).train_dataloader())
-    assert isinstance(fresh, ResumableDataLoader)
+    fresh = Toy2DDataModule(num_samples=100, num_val_samples=10, batch_size=16).train_dataloader()
     fresh.load_state_dict(state)
     fresh.sampler.set_epoch(3)
     rest = [x for x, _ in fresh]
@@ -143,5 +158,5 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path, monkey
     with pytest.raises(OSError):
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind

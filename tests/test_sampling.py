@@ -1,5 +1,5 @@
 """Deterministic samplers against exact solutions, the sampler contract (NFE, callbacks, errors, dtypes),
-the equivalences of MATH.md §2.2 and per-sample seeding.
+the equivalences of docs/samplers.md#equivalences and per-sample seeding.
 
 Oracle: for one Gaussian N(mu, s^2 I) the ideal denoiser is affine and the PF-ODE in sigma has the closed
 form x(sigma) = mu + sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_0^2) (x_0 - mu). Every sampler's last step to
@@ -63,14 +63,14 @@ def test_rk45_tighter_tolerance_costs_more_and_is_more_accurate():
     assert tight["nfe"] > loose["nfe"] and e2 < e1 / 100
 
 
-# --- equivalences (MATH.md §2.2) -------------------------------------------------------------------------
+# --- equivalences (docs/samplers.md#equivalences) ---------------------------------------------------------------------
 def test_ddim_eta0_equals_euler():
     x0, grid = _start(64, 20.0), schedules.karras_sigmas(30, SIGMA_MIN, 20.0)
     assert torch.allclose(sampling.ddim(MIX, x0, grid), sampling.euler(MIX, x0, grid), atol=1e-6, rtol=0)
 
 
 def test_rectified_flow_euler_in_t_equals_ddim_on_its_grid():
-    """Euler in t on x_t = (1 - t) y + t eps with v = (x_t - y_hat) / t (MATH.md §6.8) is DDIM on
+    """Euler in t on x_t = (1 - t) y + t eps with v = (x_t - y_hat) / t (docs/formulations.md#rf) is DDIM on
     sigma = t / (1 - t)."""
     rf = formulations.get("rf")
     grid = rf.sampling_sigmas(12)

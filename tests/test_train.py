@@ -9,12 +9,13 @@ from omegaconf import OmegaConf
 
 from lightning_diff import formulations
 from lightning_diff.builders import build_datamodule, build_module, load_module
+from lightning_diff.module import SamplerSettings
 from lightning_diff.train import train
 
 from .helpers import compose_config
 
 QUIET = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
-         "callbacks.sample_grid.num_samples=4", "module.sample_steps=2"]
+         "callbacks.sample_grid.num_samples=4", "sampler.steps=2"]
 
 
 @pytest.mark.parametrize("data,network", [("toy2d", "mlp"), ("digits", "tiny_unet")])
@@ -55,11 +56,12 @@ def test_short_training_learns_the_mixture(tmp_path):
     dm.setup("fit")
     mixture = dm.mixture
     data_ll = mixture.log_prob(mixture.sample(4000, torch.Generator().manual_seed(0))).mean().item()
+    heun18 = SamplerSettings(name="heun", steps=18)
     untrained = build_module(cfg, dm)
-    before = mixture.log_prob(untrained.sample(range(1000), steps=18).double()).mean().item()
+    before = mixture.log_prob(untrained.sample(range(1000), sampler=heun18).double()).mean().item()
     result = train(cfg)
     trained = load_module(result["checkpoint"])
-    after = mixture.log_prob(trained.sample(range(1000), steps=18).double()).mean().item()
+    after = mixture.log_prob(trained.sample(range(1000), sampler=heun18).double()).mean().item()
     assert before < data_ll - 5
     assert after > data_ll - 0.5, (before, after, data_ll)
 
@@ -100,7 +102,7 @@ def test_wandb_offline_run_holds_config_losses_lr_and_sample_grid(tmp_path, monk
     overrides = ["callbacks.progress=null", "++trainer.enable_progress_bar=false", "data=toy2d", "network=mlp",
                  "formulation=vp", "data.num_samples=256", "data.batch_size=64", "trainer.max_steps=8",
                  "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
-                 "callbacks.sample_grid.num_samples=16", "module.sample_steps=2"]
+                 "callbacks.sample_grid.num_samples=16", "sampler.steps=2"]
     try:
         result = train(compose_config("train", overrides, tmp_path))
     finally:

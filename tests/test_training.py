@@ -121,12 +121,32 @@ def test_fp16_mixed_with_loss_scaling_on_gpu():
     assert all(p.isfinite().all() for p in module.parameters())
 
 
+class ClipProbe(pl.Callback):
+    """Gradient norms at every optimizer step: ``before`` clipping (Lightning clips right after the
+    ``on_before_optimizer_step`` hooks) and ``used`` by the optimizer (still in ``.grad`` when the batch ends)."""
+
+    before: list[float] = []
+    used: list[float] = []
+
+    @staticmethod
+    def _norm(module) -> float:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        ClipProbe.before.append(self._norm(module))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step > len(ClipProbe.used):  # this micro-batch ended an optimizer step
+            ClipProbe.used.append(self._norm(module))
+
+
 def test_train_entry_with_accumulation_clipping_and_schedule(tmp_path):
+    ClipProbe.before, ClipProbe.used = [], []
     cfg = compose(["data=toy2d", "data.num_samples=512", "data.batch_size=32", "network=mlp",
                    "network.hidden=16", "network.depth=1", "~logger", "callbacks.lr_monitor=null",
                    "callbacks.sample_grid=null",
                    "callbacks.progress=null", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2",
-                   "trainer.gradient_clip_val=0.5",
+                   "trainer.gradient_clip_val=0.2", "+callbacks.clip_probe._target_=tests.test_training.ClipProbe",
                    "lr_scheduler=edm_rampup", "lr_scheduler.warmup_steps=8", "optimizer=adamw",
                    "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path}"])
     try:
@@ -138,3 +158,7 @@ def test_train_entry_with_accumulation_clipping_and_schedule(tmp_path):
         "completed"] == 8  # 2 batches per optimizer step
     assert ckpt["lr_schedulers"][0]["_last_lr"] == [pytest.approx(1e-3 * 4 / 8)]
     assert result["weights"] == "ema" and "current_model_state" in ckpt
+    # Every accumulated gradient exceeded gradient_clip_val, and the optimizer stepped with norm exactly 0.2.
+    assert len(ClipProbe.before) == len(ClipProbe.used) == 4
+    assert min(ClipProbe.before) > 0.2, ClipProbe.before
+    assert ClipProbe.used == pytest.approx([0.2] * 4, rel=1e-5)

@@ -1,5 +1,5 @@
 """``RunState``: the parts of a run that Lightning's checkpoint leaves out, so ``ckpt_path=last`` continues
-the same trajectory and the same W&B run (MATH.md §4.5).
+the same trajectory and the same W&B run (docs/distributed.md#checkpoints-and-resume).
 
 - Random streams per rank: at ``setup`` every rank seeds torch, numpy and ``random`` with
   ``seed * world_size + rank`` (NVlabs/edm ``training_loop.py``), so ranks draw different noise levels and
@@ -7,10 +7,13 @@ the same trajectory and the same W&B run (MATH.md §4.5).
 - Checkpoints hold ``rng_states`` (one entry per rank: torch CPU and CUDA, numpy, python) and
   ``wandb_run_id``; on resume each rank gets its own states back just before the first training step.
 The data-loader position is saved by Lightning through ``checkpoint_io.ResumableDataLoader``.
+
+``resolve_ckpt_path`` turns ``ckpt_path=last`` / ``last_if_exists`` into the file to resume from.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -20,12 +23,16 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ..checkpoint_io import load_checkpoint
+
 __all__ = ["RunState", "rng_states", "set_rng_states", "resolve_ckpt_path", "saved_wandb_run_id"]
+
+log = logging.getLogger(__name__)
 
 
 def rng_states() -> dict:
     """This process's random states: torch (CPU, every CUDA device), numpy and python's ``random``, as
-    tensors and tuples that ``torch.load(weights_only=True)`` accepts."""
+    tensors and tuples that ``checkpoint_io.load_checkpoint`` (``weights_only=True``) accepts."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
@@ -43,7 +50,8 @@ def set_rng_states(states: dict) -> None:
 
 
 class RunState(pl.Callback):
-    """Seeds each rank, checkpoints every rank's random states and the W&B run id, restores them.
+    """Seeds each rank, checkpoints every rank's random states and the W&B run id, restores them, and logs
+    the file and global step a run resumed from.
 
     Args:
         seed: the run's seed (``${seed}``); rank r of W uses ``seed * W + r``.
@@ -52,6 +60,7 @@ class RunState(pl.Callback):
     def __init__(self, seed: int = 0):
         self.seed = seed
         self._states_to_restore: dict | None = None
+        self._resumed_from: tuple[str, int] | None = None  # (file, global step), logged once training starts
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":  # not pl.seed_everything: it would also set PL_GLOBAL_SEED, which seeds
@@ -74,6 +83,7 @@ class RunState(pl.Callback):
         checkpoint["wandb_run_id"] = run_ids[0] if run_ids else None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._resumed_from = (str(trainer.ckpt_path), checkpoint["global_step"])
         states = checkpoint.get("rng_states")
         if states is None:
             rank_zero_warn("RunState: the checkpoint holds no rng_states; the resumed run draws fresh noise")
@@ -84,20 +94,44 @@ class RunState(pl.Callback):
             self._states_to_restore = states[trainer.global_rank]
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self._resumed_from is not None and trainer.is_global_zero:
+            log.info("Resumed from %s at global step %d", *self._resumed_from)
+        self._resumed_from = None
         if self._states_to_restore is not None:
             set_rng_states(self._states_to_restore)
             self._states_to_restore = None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> str | None:
-    """``ckpt_path`` as a file path: ``"last"`` means ``checkpoint_dir/last.ckpt`` when it exists (None
-    when not: a first run, or a requeued job before its first checkpoint, starts from scratch)."""
-    if ckpt_path != "last":
+    """The checkpoint file a run resumes from (None: start from scratch).
+
+    ``ckpt_path`` is a file, or
+    - ``last``: ``checkpoint_dir/last.ckpt``, which must exist. Every run writes to a new directory
+      (``hydra.run.dir``, by default ``outputs/<task>/<experiment>/<time>_<id>``), so resuming means running
+      in the old run's directory: ``hydra.run.dir=<that directory> ckpt_path=last``.
+    - ``last_if_exists``: that file when it exists, else None with a log line: a job that may be a first
+      start or a requeue (SLURM ``--requeue`` with a fixed ``hydra.run.dir``).
+    Raises ``FileNotFoundError`` naming the file or folder looked in and how to point at a run."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path not in ("last", "last_if_exists"):
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; allowed: a checkpoint file, last "
+                                    "(<run dir>/checkpoints/last.ckpt) or last_if_exists")
         return ckpt_path
     if checkpoint_dir is None:
-        raise ValueError("ckpt_path=last needs callbacks.checkpoint.dirpath (the folder holding last.ckpt)")
+        raise ValueError(f"ckpt_path={ckpt_path} needs callbacks.checkpoint.dirpath (the folder of last.ckpt)")
     last = Path(checkpoint_dir) / "last.ckpt"
-    return str(last) if last.exists() else None
+    if last.is_file():
+        return str(last)
+    if ckpt_path == "last_if_exists":
+        log.info("ckpt_path=last_if_exists: no %s yet, starting from scratch", last)
+        return None
+    raise FileNotFoundError(
+        f"ckpt_path=last: no last.ckpt in {checkpoint_dir}. Each run writes to a new directory, so point this "
+        "one at the run to resume: hydra.run.dir=<that run's directory> ckpt_path=last, or pass the file: "
+        "ckpt_path=<run dir>/checkpoints/last.ckpt. ckpt_path=last_if_exists starts from scratch when there "
+        "is none (a requeued job).")
 
 
 def saved_wandb_run_id(ckpt_path: str | None) -> str | None:
@@ -105,5 +139,4 @@ def saved_wandb_run_id(ckpt_path: str | None) -> str | None:
     data is loaded), or None."""
     if ckpt_path is None:
         return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get("wandb_run_id")
+    return load_checkpoint(ckpt_path, mmap=True).get("wandb_run_id")

@@ -2,7 +2,7 @@
 
 Lightning's callback already stores the average as the checkpoint's ``state_dict`` (raw weights under
 ``current_model_state``), swaps it in for validation and copies it into the module when training ends.
-This subclass adds what diffusion training needs (MATH.md §6.11 and §4.4):
+This subclass adds what diffusion training needs (docs/formulations.md#ema):
 
 - a decay that changes with training: EDM's half-life in images with ramp-up (``EDMHalfLife``), the
   inverse-decay warm-up of k-diffusion/diffusers (``InverseDecayWarmup``), or a fixed one (``FixedDecay``);
@@ -11,7 +11,9 @@ This subclass adds what diffusion training needs (MATH.md §6.11 and §4.4):
   same average without communication);
 - the average starts at the initial weights (NVlabs/edm ``ema = deepcopy(net)``), not at the weights after
   the first step as ``torch.optim.swa_utils.AveragedModel`` would;
-- buffers are copied, not averaged (k-diffusion ``ema_update``);
+- buffers are copied, not averaged (k-diffusion ``ema_update``): with ``use_buffers=False`` torch's
+  ``AveragedModel.update_parameters`` copies every buffer (BatchNorm running statistics included) at each
+  update, so the average's buffers are the raw model's current ones, checkpointed and resumed with it;
 - ``evaluate_with``: which weights validation, sampling and the final module use, recorded in the run config.
 
 Put it before ``sample_grid`` in the callbacks config: on_train_end hooks run in list order, and the
@@ -27,7 +29,7 @@ __all__ = ["EMA", "EDMHalfLife", "InverseDecayWarmup", "FixedDecay"]
 
 
 class EDMHalfLife:
-    """EDM's decay (Karras et al. 2022, NVlabs/edm ``training_loop.py``; MATH.md §6.11):
+    """EDM's decay (Karras et al. 2022, NVlabs/edm ``training_loop.py``; docs/formulations.md#ema):
     ``beta = 0.5 ** (B / h)``, ``h = min(half_life, rampup_ratio * n_img)``, with ``B`` the images of this
     optimizer step over all ranks and ``n_img`` the images trained on before it."""
 
@@ -50,7 +52,7 @@ class EDMHalfLife:
 
 
 class InverseDecayWarmup:
-    """k-diffusion ``EMAWarmup`` / diffusers ``EMAModel`` (MATH.md §6.11):
+    """k-diffusion ``EMAWarmup`` / diffusers ``EMAModel`` (docs/formulations.md#ema):
     ``beta_k = min(beta_max, 1 - (1 + k / gamma) ** -power)`` at optimizer step ``k = 0, 1, ...``.
     ``power=2/3`` reaches 0.999 at 31.6K steps and 0.9999 at 1M; ``power=3/4`` reaches 0.999 at 10K."""
 

@@ -3,18 +3,20 @@
 Both run every ``every_n_epochs`` validation epochs (on the EMA weights, which Lightning's
 ``WeightAveraging`` swaps in for validation) and when training ends (after an ``EMA`` callback listed
 before them copied the average into the module). Every rank runs them: each generates its shard of the
-seeds or scores its shard of the images, and the statistics are all-reduced inside
-``lightning_diff.evaluate`` (no collective sits in rank-zero-only code). Values are logged as
+seeds or scores its shard of the images, and the statistics are all-reduced inside the evaluation library
+``lightning_diff.evaluation`` (no collective sits in rank-zero-only code). Values are logged as
 ``metrics/<name>``; the protocol goes into the W&B run summary (``metrics/<callback>/protocol``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
+from ..evaluation import SAMPLE_METRICS, sample_quality, split_bits_per_dim
+from ..module import SamplerSettings
 from .ema import EMA
 
 __all__ = ["GenerativeMetrics", "BitsPerDim"]
@@ -80,37 +82,43 @@ class GenerativeMetrics(_PeriodicEvaluation):
         every_n_epochs: evaluate at the end of every n-th validation epoch (0 = only at fit end).
         at_fit_end: evaluate when training ends.
         num_images, seed, seed_sets: generated images per seed set, first seed, seed sets (EDM: min of 3).
-        sampler, steps, sampler_options, guidance, sampling_batch_size: this callback's own sampler.
+        sampler: a ``SamplerSettings`` or its config node (``configs/callbacks/generative_metrics.yaml``
+            interpolates the run's ``sampler``); None: the module's own. Checked against the formulation
+            when fitting starts, before any training step.
+        guidance: classifier-free guidance gamma (1 = none).
         reference, reference_num_images: reference split (statistics cached) and an optional image limit.
         inception_weights, batch_size, cache_dir, options: as ``configs/evaluate.yaml``'s ``metrics`` node
-            (``options``: per-metric settings such as ``{"fid": {"method": "eigvals"}}``).
+            (``batch_size``: images per feature-extractor call; ``options``: per-metric settings such as
+            ``{"fid": {"method": "eigvals"}}``).
     """
 
     key = "generative_metrics"
 
     def __init__(self, metrics: Sequence[str] = ("fid",), every_n_epochs: int = 0, at_fit_end: bool = True,
-                 num_images: int = 10_000, seed: int = 0, seed_sets: int = 1, sampler: str = "heun", steps: int = 18,
-                 sampler_options: dict | None = None, guidance: float = 1.0, sampling_batch_size: int = 64,
-                 reference: str = "train", reference_num_images: int | None = None, inception_weights="auto",
-                 batch_size: int = 64, cache_dir: str | None = None, options: dict | None = None):
+                 num_images: int = 10_000, seed: int = 0, seed_sets: int = 1,
+                 sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, reference: str = "train",
+                 reference_num_images: int | None = None, inception_weights="auto", batch_size: int = 64,
+                 cache_dir: str | None = None, options: dict | None = None):
         super().__init__(every_n_epochs, at_fit_end)
-        from ..evaluate import SAMPLE_METRICS  # evaluate imports sample, which imports this package
-
+        self.sampler = None if sampler is None else SamplerSettings.from_config(sampler)
         self.metrics = [metrics] if isinstance(metrics, str) else list(metrics)
         bad = [m for m in self.metrics if m not in SAMPLE_METRICS]
         if bad or not self.metrics:
             raise ValueError(f"generative_metrics.metrics={self.metrics!r}: unknown {bad}; allowed: any of "
                              f"{list(SAMPLE_METRICS)} (bits/dim: the BitsPerDim callback)")
-        self.settings = dict(num_images=num_images, seed=seed, seed_sets=seed_sets, sampler=sampler, steps=steps,
-                             sampler_options=dict(sampler_options or {}), guidance=guidance,
-                             sampling_batch_size=sampling_batch_size, reference=reference,
-                             reference_num_images=reference_num_images, inception_weights=inception_weights,
-                             batch_size=batch_size, cache_dir=cache_dir, options=dict(options or {}))
+        self.settings = dict(num_images=num_images, seed=seed, seed_sets=seed_sets, guidance=guidance,
+                             reference=reference, reference_num_images=reference_num_images,
+                             inception_weights=inception_weights, batch_size=batch_size, cache_dir=cache_dir,
+                             options=dict(options or {}))
+
+    def setup(self, trainer, module, stage: str) -> None:
+        """Check the sampler against the module's formulation before any training step."""
+        if self.sampler is not None:
+            self.sampler.check(module.formulation)
 
     def measure(self, trainer, module, weights: str) -> tuple[dict, dict]:
-        from ..evaluate import sample_quality
-
-        return sample_quality(module, trainer.datamodule, self.metrics, weights=weights, **self.settings)
+        return sample_quality(module, trainer.datamodule, self.metrics, weights=weights, sampler=self.sampler,
+                              **self.settings)
 
 
 class BitsPerDim(_PeriodicEvaluation):
@@ -120,7 +128,7 @@ class BitsPerDim(_PeriodicEvaluation):
     Args:
         every_n_epochs, at_fit_end: when (as ``GenerativeMetrics``).
         split, num_images, passes, batch_size, seed, rtol, atol, divergence, probes, probe, sigma_min,
-            sigma_max: as ``configs/metrics/bpd.yaml`` and ``evaluate.split_bits_per_dim``.
+            sigma_max: as ``configs/metrics/bpd.yaml`` and ``evaluation.split_bits_per_dim``.
     """
 
     key = "bits_per_dim"
@@ -135,7 +143,5 @@ class BitsPerDim(_PeriodicEvaluation):
                              sigma_min=sigma_min, sigma_max=sigma_max)
 
     def measure(self, trainer, module, weights: str) -> tuple[dict, dict]:
-        from ..evaluate import split_bits_per_dim
-
         values, protocol = split_bits_per_dim(module, trainer.datamodule, **self.settings)
         return values, {**protocol, "weights": weights}

@@ -1,4 +1,5 @@
-"""``SampleGrid``: sample with fixed seeds, write a PNG grid (images) or scatter plot (2-D data), log it."""
+"""``SampleGrid``: sample with fixed seeds and the run's sampler, write a PNG grid (images) or scatter plot
+(2-D data), log it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
+
+from ..data.transforms import to_uint8
+from ..evaluation import generate
 
 __all__ = ["SampleGrid", "save_image_grid", "save_scatter"]
 
@@ -64,7 +68,8 @@ def _reference_points(datamodule, n: int) -> torch.Tensor | None:
 
 
 class SampleGrid(pl.Callback):
-    """Samples ``num_samples`` images with seeds ``0..N-1`` using the module's default sampler.
+    """Samples ``num_samples`` images with seeds ``0..N-1`` using the module's sampler (the run's ``sampler``;
+    conditional models get labels ``seed % num_classes``).
 
     Runs when training ends (with the EMA weights when an EMA callback copied them into the module) and,
     when ``every_n_epochs > 0``, at the end of every n-th validation epoch (EMA weights are swapped in
@@ -73,27 +78,20 @@ class SampleGrid(pl.Callback):
     held-out points, for 2-D data), and logs the PNG to W&B.
     """
 
-    def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, dirpath: str = ".", steps: int | None = None):
+    def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, dirpath: str = "."):
         if num_samples < 1:
             raise ValueError(f"sample_grid.num_samples={num_samples} is invalid; allowed: an integer >= 1")
-        self.num_samples, self.every_n_epochs, self.steps = num_samples, every_n_epochs, steps
+        self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.dirpath = Path(dirpath)
         self.artifacts: dict[str, str] = {}
 
     @rank_zero_only
     def _render(self, trainer: pl.Trainer, module, name: str) -> None:
-        from ..data.transforms import to_uint8
-
-        seeds = range(self.num_samples)
-        labels = None
-        if module.conditional and getattr(module, "num_classes", 0):
-            labels = torch.arange(self.num_samples) % module.num_classes
-        samples = module.sample(seeds, labels=labels, steps=self.steps)
+        samples, _, _ = generate(module, range(self.num_samples), progress=False)
         path = self.dirpath / f"{name}.png"
         arrays = {"samples": samples.cpu().numpy()}
         if samples.ndim == 4:
-            transform = getattr(module, "data_transform", None)
-            images = to_uint8(samples, transform) if transform is not None else to_uint8(samples)
+            images = to_uint8(samples, module.data_transform)
             save_image_grid(images, path)
             arrays["images"] = images.cpu().numpy()
         else:

@@ -14,6 +14,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
+from ..checkpoint_io import ResumableDataLoader
 from .transforms import DataTransform, from_uint8
 
 __all__ = ["ImageDataset", "PointDataset", "EpochSampler", "seed_worker", "make_loader", "split_indices"]
@@ -115,12 +116,13 @@ def _ready_batch(batch):
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a dataset with batched ``__getitems__``; shuffled loaders use ``EpochSampler``."""
+    """A DataLoader over a dataset with batched ``__getitems__``. Shuffled (training) loaders use ``EpochSampler``
+    and are ``ResumableDataLoader``s: their position in the epoch goes into checkpoints."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is not allowed; allowed: an integer >= 1")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} is not allowed; allowed: an integer >= 0")
-    return DataLoader(
+    return (ResumableDataLoader if shuffle else DataLoader)(
         dataset,
         batch_size=batch_size,
         sampler=EpochSampler(len(dataset), seed) if shuffle else None,

@@ -2,7 +2,7 @@
 
 Images enter the model as ``x = scale * x_int + offset``; with EDM's convention (``x_int / 127.5 - 1``)
 pixels 0..255 land exactly on [-1, 1]. The map is recorded on every DataModule as ``.transform``
-because the bits/dim offset depends on it (MATH.md §6.9): for uniform dequantisation
+because the bits/dim offset depends on it (docs/likelihood.md#bits-per-dim): for uniform dequantisation
 ``z = scale * (x_int + u) + offset``, ``u ~ U[0, 1)^d``, the log-determinant adds ``-log2(scale)``
 bits per dimension (7 for ``/128`` into [-1, 1), 8 for ``/256`` into [0, 1), ``log2 127.5 = 6.9944`` for
 EDM's ``/127.5``).
@@ -75,6 +75,7 @@ def dequantize(x_int: torch.Tensor, generator: torch.Generator | None = None,
 
 def bpd_offset(transform: DataTransform = EDM_PIXELS) -> float:
     """``-log2(scale)``: the bits per dimension added to ``-log2 p(z) / d`` when the model density is on
-    ``z = scale * (x_int + u) + offset`` (MATH.md §6.9; 7 for score_sde's ``/128``, 6.9944 for EDM's)."""
+    ``z = scale * (x_int + u) + offset`` (docs/likelihood.md#bits-per-dim; 7 for score_sde's ``/128``, 6.9944 for
+    EDM's)."""
     _require_integer(transform, "bpd_offset")
     return -math.log2(transform.scale)

@@ -1,6 +1,6 @@
 """The ``Formulation`` interface: one diffusion or flow model family seen as data.
 
-A formulation is EDM's four choices (Karras et al. 2022, Table 1; docs/MATH.md §6.1):
+A formulation is EDM's four choices (Karras et al. 2022, Table 1; docs/formulations.md#the-edm-view):
 
 1. schedule: noise level ``sigma(t)`` and scaling ``s(t)``, their derivatives and the inverse
    ``t_of_sigma``, so that ``x_t = s(t) (y + sigma(t) n)``;
@@ -46,11 +46,14 @@ class Formulation:
         sigma_min, sigma_max: the noise range the network is trained and sampled on (floats).
         discrete: True when the network only knows a finite grid of noise levels.
         default_sampling_steps: the grid length a sampler uses when none is asked for.
+        min_sampling_steps, max_sampling_steps: the step counts ``sampling_sigmas`` can make (None: no limit).
     """
 
     name: str = "base"
     discrete: bool = False
     default_sampling_steps: int = 18  # EDM's 18 Heun steps (35 NFE), used when no step count is asked for
+    min_sampling_steps: int = 1
+    max_sampling_steps: int | None = None
     sigma_min: float
     sigma_max: float
 
@@ -75,7 +78,7 @@ class Formulation:
         """d s / dt."""
         return torch.zeros_like(t)
 
-    # --- SDE view (Song et al. 2021; MATH.md §6.1: f = s'/s, g = s sqrt(2 sigma' sigma)) ---------
+    # --- SDE view (Song et al. 2021; docs/formulations.md#sde-view: f = s'/s, g = s sqrt(2 sigma' sigma)) ---------
     def f(self, t: torch.Tensor) -> torch.Tensor:
         """Drift coefficient of the forward SDE ``dx = f(t) x dt + g(t) dw`` (x in the x_t frame)."""
         return self.s_deriv(t) / self.s(t)

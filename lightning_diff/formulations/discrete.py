@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..sampling.schedules import ddpm_timesteps, iddpm_sigmas
+from ..sampling.schedules import ddpm_sigmas, iddpm_sigmas
 from .base import Formulation, check_positive, check_range
 
 BETA_SCHEDULES = ("linear", "cosine")
@@ -61,7 +61,7 @@ class DDPM(DiscreteFormulation):
         beta_end: float = 0.02,  # Last beta of the linear schedule (scaled by 1000/T).
         cosine_s: float = 0.008,  # Offset s of the cosine schedule (Nichol & Dhariwal eq. 17).
         max_beta: float = 0.999,  # Clip of the cosine schedule's betas.
-        spacing: str = "linear",  # Default sub-sequence rule of the sampling grid (schedules.ddpm_timesteps).
+        spacing: str = "trailing",  # Sampling sub-sequence (schedules.ddpm_timesteps); trailing: Lin et al. 2024.
     ):
         setting = f"formulation={self.name}"
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
@@ -112,11 +112,15 @@ class DDPM(DiscreteFormulation):
     def c_noise(self, sigma):
         return self.timestep_index(sigma).to(sigma.dtype)
 
+    @property
+    def max_sampling_steps(self) -> int:
+        """A strided grid visits each of the T timesteps at most once."""
+        return self.num_timesteps
+
     def sampling_sigmas(self, num_steps, device=None, spacing: str | None = None):
-        """Strided DDPM/DDIM grid: the timesteps of ``schedules.ddpm_timesteps`` as sigmas, then 0."""
-        idx = ddpm_timesteps(self.num_timesteps, num_steps, spacing or self.spacing)
-        sigmas = self.grid.flip(0)[idx]
-        return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
+        """Strided DDPM/DDIM grid: the distinct timesteps of ``schedules.ddpm_timesteps`` as sigmas, then 0
+        (``schedules.ddpm_sigmas``: warns when that is not ``num_steps`` steps)."""
+        return ddpm_sigmas(self.grid.flip(0), num_steps, spacing or self.spacing).to(device)
 
 
 class IDDPM(DiscreteFormulation):
@@ -124,6 +128,7 @@ class IDDPM(DiscreteFormulation):
     abar_j = sin^2(pi/2 j / (M (C2 + 1))); c_noise = M - 1 - argmin_j |u_j - sigma|."""
 
     name = "iddpm"
+    min_sampling_steps = 2  # the grid formula (EDM Table 1) divides by N - 1
 
     def __init__(
         self,
@@ -158,6 +163,11 @@ class IDDPM(DiscreteFormulation):
     def c_noise(self, sigma):
         return (self.M - 1 - self._nearest_index(sigma)).to(sigma.dtype)
 
+    @property
+    def max_sampling_steps(self) -> int:
+        """The levels u_j0 .. u_(M-1), each visited at most once."""
+        return self.M - self.j0
+
     def sampling_sigmas(self, num_steps, device=None):
         return iddpm_sigmas(num_steps, self.u, self.j0).to(device)
 
@@ -187,6 +197,11 @@ class NCSN(DiscreteFormulation):
     @property
     def default_sampling_steps(self) -> int:
         """All L noise levels (annealed Langevin visits each once)."""
+        return self.num_levels
+
+    @property
+    def max_sampling_steps(self) -> int:
+        """Each of the L levels at most once."""
         return self.num_levels
 
     def c_out(self, sigma):

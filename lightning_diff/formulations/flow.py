@@ -1,4 +1,4 @@
-"""Rectified flow / flow matching in EDM terms (MATH.md §6.8, convention A: t=0 data, t=1 noise).
+"""Rectified flow / flow matching in EDM terms (docs/formulations.md#rf, convention A: t=0 data, t=1 noise).
 
 ``x_t = (1 - t) y + t eps`` is ``s(t) = 1 - t``, ``sigma(t) = t / (1 - t)``; a network predicting the
 velocity ``v = eps - y`` gives ``D = x/(1+sigma) - sigma/(1+sigma) F`` and ``||v_theta - v||^2 =
@@ -81,7 +81,7 @@ class RectifiedFlow(Formulation):
         if self.t_distribution == "uniform":
             t = self._uniform(shape, generator, device)
             return self.sigma(t).float()
-        # logit(t) ~ N(m, s^2)  <=>  ln(sigma / shift) ~ N(m, s^2) (MATH.md §6.8).
+        # logit(t) ~ N(m, s^2)  <=>  ln(sigma / shift) ~ N(m, s^2) (docs/formulations.md#rf).
         return (self.shift * (self._normal(shape, generator, device) * self.logit_std + self.logit_mean).exp()).float()
 
     def sampling_sigmas(self, num_steps, device=None):

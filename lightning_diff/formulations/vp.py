@@ -1,5 +1,5 @@
 """Variance-preserving families of Song et al. 2021: the VP-SDE (EDM Table 1 "VP" column, NVlabs/edm
-``VPPrecond``/``VPLoss``) and the sub-VP SDE (score_sde ``subVPSDE``; MATH.md §6.1)."""
+``VPPrecond``/``VPLoss``) and the sub-VP SDE (score_sde ``subVPSDE``; docs/formulations.md#subvp)."""
 
 from __future__ import annotations
 

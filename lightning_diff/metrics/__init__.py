@@ -1,5 +1,5 @@
 """Sample-quality metrics (FID, IS, KID, precision/recall) through torch-fidelity, with float64 feature
-moments reduced across ranks, cached reference statistics and the evaluation protocol (MATH.md §6.12).
+moments reduced across ranks, cached reference statistics and the evaluation protocol (docs/metrics.md).
 
 Entry point: :func:`compute_metrics`; generation driver: :func:`evaluate_generator`.
 """

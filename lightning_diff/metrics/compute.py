@@ -1,4 +1,4 @@
-"""``compute_metrics``: FID, IS, KID and precision/recall of uint8 images (MATH.md §6.12).
+"""``compute_metrics``: FID, IS, KID and precision/recall of uint8 images (docs/metrics.md).
 
 Features come from torch-fidelity's extractors (``extractor.py``). FID is ours on top of them: float64
 moments accumulated batch by batch and all-reduced across ranks, ``scipy.linalg.sqrtm`` (as NVlabs/edm),

@@ -1,7 +1,8 @@
 """Collectives for metric statistics: sums and ordered gathers, no-ops without ``torch.distributed``.
 
 Every rank must call these (never from rank-zero-only code: a collective that only rank 0 enters hangs,
-the torchmetrics#2684 failure; MATH.md §4.2). Tensors travel on the process group's device (CPU for
+the torchmetrics#2684 failure; docs/metrics.md#multi-gpu-evaluation). Tensors travel on the process group's device
+(CPU for
 gloo, the current CUDA device for nccl) and come back on the caller's device.
 """
 

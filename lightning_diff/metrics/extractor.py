@@ -1,6 +1,7 @@
 """Feature extractors for the sample-quality metrics, all run through torch-fidelity.
 
-The standard network is the TensorFlow Inception-v3 of 2015-12-05 (Heusel et al. 2017; MATH.md §6.12),
+The standard network is the TensorFlow Inception-v3 of 2015-12-05 (Heusel et al. 2017;
+docs/metrics.md#feature-extractor),
 as torch-fidelity's ``inception-v3-compat`` extractor: uint8 images, TF1 bilinear resize to 299x299
 (``align_corners=False`` without half-pixel centres), ``(x - 128) / 128``, pool3 (2048-d) for FID/KID and
 the 1008 logits for IS. Precision/recall use torch-fidelity's ``vgg16`` (Kynkäänniemi et al. 2019).

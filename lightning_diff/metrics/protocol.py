@@ -1,5 +1,5 @@
 """The evaluation protocol: EDM's uint8 rounding, per-rank seeds, "minimum over seed sets", and the
-record stored with every result (MATH.md §6.12, §4.1-4.2)."""
+record stored with every result (docs/metrics.md#what-is-recorded-with-each-result)."""
 
 from __future__ import annotations
 

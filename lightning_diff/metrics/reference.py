@@ -3,7 +3,8 @@
 An entry is one ``.npz`` file under ``<cache_dir>/reference/``: the pool3 :class:`FeatureStats` (FID),
 optionally the pool3 and VGG16 features themselves (KID and precision/recall need them), and the
 extractor identity it was computed with, which is checked on every load. Writes are atomic
-(temporary file + ``os.replace``), so concurrent jobs never read half a file.
+(``checkpoint_io.atomic_write``: temporary file, fsync, ``os.replace``), so concurrent jobs never read half a
+file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint_io import atomic_write
 from .extractor import default_cache_dir
 from .stats import FeatureStats
 
@@ -58,16 +60,21 @@ def reference_path(key: str, cache_dir: str | os.PathLike | None = None) -> Path
 
 
 def save_reference(key: str, ref: ReferenceStats, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``ref`` under ``key`` atomically; returns the path. No collective: rank 0 alone may call it."""
+    """Write ``ref`` under ``key`` atomically; returns the path. No collective: rank 0 alone may call it.
+    A cache that cannot be written (read-only, full) raises the ``OSError`` of ``atomic_write``, naming the
+    file, with a note on the setting to change."""
     path = reference_path(key, cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"stats_{k}": v for k, v in ref.stats.state_dict().items()}
     arrays.update(
         {name: getattr(ref, name).numpy() for name in ("pool3", "vgg16") if getattr(ref, name) is not None}
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, extractor=np.array(ref.extractor), meta=np.array(json.dumps(ref.meta)), **arrays)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda file: np.savez(file, extractor=np.array(ref.extractor),
+                                                 meta=np.array(json.dumps(ref.meta)), **arrays))
+    except OSError as error:
+        error.add_note("reference statistics are cached under metrics.cache_dir (default $LIGHTNING_DIFF_CACHE or "
+                       "~/.cache/lightning_diff): point it at a writable folder with free space")
+        raise
     return path
 
 

@@ -9,7 +9,11 @@
   decreasing 1-D tensor ending in 0 (``schedules`` or ``formulation.sampling_sigmas``).
 - ``generator``: None, a ``torch.Generator`` or per-sample generators (``PerSampleGenerator`` / a list),
   so that sample i depends only on its seed whatever the batch size.
-- ``stats`` (a dict) receives ``nfe`` (and ``accepted``/``rejected`` for ``rk45``); ``callback`` receives
+- ``denoiser.round_sigma`` (optional, e.g. ``Denoiser``'s): samplers snap the grid, and EDM's churned level,
+  to the noise levels the network knows, as NVlabs/edm; ``denoiser.network_passes`` (optional, the guidance
+  wrappers'): network passes per sample of one call (see ``core``).
+- ``stats`` (a dict) receives ``nfe``, network forward passes per sample (a classifier-free-guided
+  evaluation counts 2), and ``accepted``/``rejected`` for ``rk45``; ``callback`` receives
   ``{"i", "x", "sigma", "denoised", "nfe"}`` once per step.
 - Solver state is float64 by default (``dtype=``), as NVlabs/edm; the result has x's dtype.
 

@@ -46,7 +46,9 @@ def rk45(denoiser, x, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, first_s
          dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Adaptive Dormand-Prince 5(4) with per-sample step-size control from ``sigmas[0]`` to the smallest
     non-zero ``sigmas[-2]``, then the Euler step to sigma = 0 (``x <- D``), as EDM's samplers end.
-    The intermediate entries of ``sigmas`` are not used.
+    The intermediate entries of ``sigmas`` are not used, and the stages evaluate the noise levels the step
+    control picks: on a discrete formulation (``round_sigma`` not the identity) they lie between the
+    network's levels, which fixed-grid samplers avoid.
 
     Step control as scipy's ``RK45``: error ``||E . k h / (atol + rtol max(|x|, |x_new|))||_rms <= 1``
     accepts; the next step is ``h * clip(safety err^(-1/5), min_factor, max_factor)`` (no growth right
@@ -64,7 +66,7 @@ def rk45(denoiser, x, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, first_s
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    grid = check_grid(sigmas, x, "rk45")
+    grid = check_grid(sigmas, x, "rk45", denoiser)
     for key, value in dict(rtol=rtol, atol=atol).items():
         if not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"sampler=rk45: {key}={value!r} is invalid; allowed: a number > 0")

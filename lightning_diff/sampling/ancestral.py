@@ -1,7 +1,7 @@
 """Discrete-time samplers: DDIM with eta (Song et al. 2021) and DDPM ancestral sampling (Ho et al. 2020),
 written in the sigma-frame so that they run on any grid.
 
-On a grid of noise levels the DDPM quantities follow from ``abar = 1 / (1 + sigma^2)`` (MATH.md §6.2:
+On a grid of noise levels the DDPM quantities follow from ``abar = 1 / (1 + sigma^2)`` (docs/formulations.md#ddpm:
 ``sigma = sqrt((1 - abar) / abar)``), with ``alpha_t = abar_t / abar_{t-1}`` and ``beta_t = 1 - alpha_t``
 between consecutive grid points (what improved-diffusion's respacing does for strided grids).
 """
@@ -32,7 +32,7 @@ def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, 
 
     Dividing eq. 12 by ``sqrt(abar_{t-1})`` gives ``x' = D + sigma_down eps_hat + sigma_up z`` with
     ``eps_hat = (x - D) / sigma``, ``sigma_up^2 = eta^2 sigma'^2 (sigma^2 - sigma'^2) / sigma^2`` (eq. 16's
-    sigma_t(eta) over ``sqrt(abar_{t-1})``) and ``sigma_down^2 = sigma'^2 - sigma_up^2`` (MATH.md §6.4-6.5).
+    sigma_t(eta) over ``sqrt(abar_{t-1})``) and ``sigma_down^2 = sigma'^2 - sigma_up^2`` (docs/samplers.md#ddim).
     eta = 0 is deterministic DDIM (= Euler in sigma), eta = 1 is DDPM with the posterior variance.
 
     Args:
@@ -43,7 +43,7 @@ def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, 
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    grid = check_grid(sigmas, x, "ddim")
+    grid = check_grid(sigmas, x, "ddim", denoiser)
     if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise ValueError(f"sampler=ddim: eta={eta!r} is invalid; allowed: 0 <= eta <= 1")
     evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
@@ -78,7 +78,7 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", clip_denoised: b
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    grid = check_grid(sigmas, x, "ddpm")
+    grid = check_grid(sigmas, x, "ddpm", denoiser)
     check_choice("ddpm", "variance", variance, DDPM_VARIANCES)
     evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
     state = to_dtype(x, dtype)

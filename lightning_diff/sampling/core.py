@@ -1,10 +1,22 @@
-"""What every sampler shares: checking the sigma grid, calling the denoiser in the solver's dtype, and
-counting network evaluations (NFE) into ``stats`` and callback payloads.
+"""What every sampler shares: checking the sigma grid (snapped to the network's noise levels), calling the
+denoiser in the solver's dtype, and counting network forward passes (NFE) into ``stats`` and callback payloads.
 
 Sampler contract (k-diffusion convention): ``fn(denoiser, x, sigmas, *, generator=None, callback=None,
 stats=None, **options) -> Tensor`` where ``denoiser(x, sigma, **cond)`` takes ``sigma`` as a ``[B]``
 tensor and returns the estimate of y in the sigma-frame ``x = y + sigma n``; ``x`` is the start noise
 already multiplied by ``sigmas[0]``; ``sigmas`` is a decreasing 1-D tensor that ends in 0.
+
+Two optional denoiser attributes (looked up with ``getattr``; guidance wrappers pass them through):
+
+- ``round_sigma(sigma: Tensor) -> Tensor``: snap noise levels to those the network knows (``Denoiser``
+  delegates to its formulation: the nearest grid level for ddpm/iddpm/ncsn, identity otherwise). Samplers
+  snap the grid before the first step and EDM's churned level ``sigma_hat``, as NVlabs/edm's ``edm_sampler``
+  (``t_steps = round_sigma(t_steps)``, ``t_hat = round_sigma(t_cur + gamma t_cur)``). Absent: identity.
+- ``network_passes(cond: dict) -> int``: network forward passes per sample that one call with conditioning
+  ``cond`` costs (``CFGDenoiser``: 2 for a guided call). Absent: 1.
+
+NFE (``stats["nfe"]``, callback ``"nfe"``): network forward passes per sample, the sum of ``network_passes``
+over the sampler's denoiser calls; a classifier-free-guided evaluation counts 2.
 """
 
 from __future__ import annotations
@@ -13,12 +25,32 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Evaluator", "check_grid", "check_choice", "check_nonnegative", "to_dtype"]
+__all__ = ["Evaluator", "check_grid", "check_choice", "check_nonnegative", "to_dtype", "round_sigma_of",
+           "network_passes"]
 
 
-def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str) -> list[float]:
-    """Validate ``sigmas`` (1-D, >= 2 entries, finite, strictly decreasing, last entry 0) and return it as
-    a list of Python floats (exact float64 values, used for control flow without device syncs)."""
+def identity(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma
+
+
+def round_sigma_of(denoiser: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The denoiser's ``round_sigma`` (snap to the noise levels its network knows), identity when it has none."""
+    return getattr(denoiser, "round_sigma", None) or identity
+
+
+def network_passes(denoiser: Callable, cond: dict) -> int:
+    """Network forward passes per sample of one call ``denoiser(x, sigma, **cond)``: the denoiser's own
+    ``network_passes(cond)`` when it has one (guidance wrappers), else 1."""
+    count = getattr(denoiser, "network_passes", None)
+    return 1 if count is None else count(cond)
+
+
+def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str, denoiser: Callable) -> list[float]:
+    """Validate ``sigmas`` (1-D, >= 2 entries, finite, strictly decreasing, last entry 0), snap it to the
+    denoiser's noise levels (``round_sigma_of(denoiser)``, EDM's ``round_sigma``; 0 stays 0) and return it
+    as a list of Python floats (exact float64 values, used for control flow without device syncs).
+
+    Raises ``ValueError`` when snapping puts two entries on one level (a grid finer than the network's)."""
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sampler={sampler}: sigmas must be a 1-D tensor with at least 2 entries, got "
                          f"{getattr(sigmas, 'shape', type(sigmas).__name__)}")
@@ -30,7 +62,13 @@ def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str) -> list[floa
                          f"{grid[:3]}...{grid[-2:]}")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"sampler={sampler}: x must have a batch dimension, got shape {tuple(x.shape)}")
-    return grid
+    snapped = round_sigma_of(denoiser)(torch.tensor(grid, dtype=torch.float64)).tolist()
+    merged = [(a, b) for a, b, c, d in zip(grid, grid[1:], snapped, snapped[1:], strict=False) if c <= d]
+    if merged or snapped[-1] != 0:
+        raise ValueError(f"sampler={sampler}: sigmas snapped to the network's noise levels (denoiser.round_sigma) "
+                         f"are not strictly decreasing: {merged[:3]} land on one level; allowed: at most one sigma "
+                         "per network level (e.g. formulation.sampling_sigmas, or fewer steps)")
+    return snapped
 
 
 def check_choice(sampler: str, setting: str, value, allowed) -> None:
@@ -51,7 +89,8 @@ class Evaluator:
     """Wraps ``denoiser`` for a solver whose state has dtype ``dtype``.
 
     ``evaluator(x, sigma)`` with ``sigma`` a float or ``[B]`` tensor calls ``denoiser(x, sigma[B], **cond)``
-    and returns D in ``dtype``; it counts calls in ``nfe`` and mirrors the count into ``stats["nfe"]``.
+    and returns D in ``dtype``; it adds each call's ``network_passes`` to ``nfe`` and mirrors the count into
+    ``stats["nfe"]``. ``snap(sigma)`` rounds a noise level to the network's (``round_sigma_of``).
     ``report(i, x, sigma, denoised)`` sends ``{"i", "x", "sigma", "denoised", "nfe"}`` to the callback.
     """
 
@@ -60,6 +99,7 @@ class Evaluator:
         self.denoiser, self.dtype, self.cond = denoiser, dtype, dict(cond or {})
         self.stats, self.callback = stats, callback
         self.batch, self.device = x.shape[0], x.device
+        self.round_sigma = round_sigma_of(denoiser)
         self.nfe = 0
         self._write("nfe", 0)
 
@@ -75,10 +115,14 @@ class Evaluator:
 
     def __call__(self, x: torch.Tensor, sigma, cond: dict | None = None) -> torch.Tensor:
         """``D(x; sigma)`` in the solver dtype; ``cond`` replaces the stored conditioning (row subsets)."""
-        self.nfe += 1
-        self._write("nfe", self.nfe)
         cond = self.cond if cond is None else cond
+        self.nfe += network_passes(self.denoiser, cond)
+        self._write("nfe", self.nfe)
         return self.denoiser(x, self.sigma_batch(sigma, x.shape[0]), **cond).to(self.dtype)
+
+    def snap(self, sigma: float) -> float:
+        """The network noise level nearest to ``sigma`` (EDM's ``round_sigma``; identity for continuous models)."""
+        return float(self.round_sigma(torch.tensor([sigma], dtype=torch.float64))[0])
 
     def report(self, i: int, x: torch.Tensor, sigma, denoised: torch.Tensor) -> None:
         if self.callback is not None:

@@ -27,7 +27,7 @@ def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, 
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    grid = check_grid(sigmas, x, "dpmpp_2m")
+    grid = check_grid(sigmas, x, "dpmpp_2m", denoiser)
     evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
     state = to_dtype(x, dtype)
     previous, h_previous = None, None

@@ -16,8 +16,9 @@ __all__ = ["euler", "heun", "ablation"]
 
 def _churn_loop(name: str, second_order: bool, denoiser, x, sigmas, generator, callback, stats, cond, dtype,
                 S_churn, S_tmin, S_tmax, S_noise) -> torch.Tensor:
-    """EDM Algorithm 2 (first order unless ``second_order``); churn 0 is Algorithm 1 with sigma(t)=t."""
-    grid = check_grid(sigmas, x, name)
+    """EDM Algorithm 2 (first order unless ``second_order``); churn 0 is Algorithm 1 with sigma(t)=t. The grid
+    and the churned level are snapped to the denoiser's noise levels (``core`` module docstring)."""
+    grid = check_grid(sigmas, x, name, denoiser)
     check_nonnegative(name, S_churn=S_churn, S_tmin=S_tmin, S_noise=S_noise)
     if not S_tmax >= S_tmin:
         raise ValueError(f"sampler={name}: S_tmax={S_tmax} is invalid; allowed: a number >= S_tmin={S_tmin}")
@@ -26,9 +27,10 @@ def _churn_loop(name: str, second_order: bool, denoiser, x, sigmas, generator, c
     state = to_dtype(x, dtype)
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         # Algorithm 2 lines 4-6: gamma_i = min(S_churn / N, sqrt(2) - 1) on [S_tmin, S_tmax], then
-        # raise the noise level to sigma_hat = (1 + gamma_i) sigma_i by adding fresh noise.
+        # raise the noise level to sigma_hat = (1 + gamma_i) sigma_i by adding fresh noise; sigma_hat is
+        # snapped to the network's levels (NVlabs/edm: t_hat = net.round_sigma(t_cur + gamma * t_cur)).
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_tmin <= sigma <= S_tmax else 0.0
-        sigma_hat = sigma * (1 + gamma)
+        sigma_hat = evaluate.snap(sigma * (1 + gamma)) if gamma > 0 else sigma
         if gamma > 0:
             state = state + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * randn_like(state, generator)
         denoised = evaluate(state, sigma_hat)
@@ -101,7 +103,7 @@ def ablation(denoiser, x, sigmas, *, formulation, solver: str = "heun", alpha: f
     Returns:
         ``[B, ...]`` samples in the sigma-frame (at sigma = 0 that is the data frame).
     """
-    grid = check_grid(sigmas, x, "ablation")
+    grid = check_grid(sigmas, x, "ablation", denoiser)
     check_choice("ablation", "solver", solver, ABLATION_SOLVERS)
     if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
         raise ValueError(f"sampler=ablation: alpha={alpha!r} is invalid; allowed: 0 < alpha <= 1")
@@ -129,7 +131,7 @@ def ablation(denoiser, x, sigmas, *, formulation, solver: str = "heun", alpha: f
         if solver == "euler" or grid[i + 1] == 0:
             state = state + h * d
             continue
-        t_mid = t + alpha * h
+        t_mid = t_next if alpha == 1 else t + alpha * h  # exact at alpha = 1: the next grid level
         d_mid, _, _ = slope(state + alpha * h * d, t_mid)
         state = state + h * ((1 - 1 / (2 * alpha)) * d + 1 / (2 * alpha) * d_mid)
     return (state / float(fm.s(as_t(times[-1])))).to(x.dtype)

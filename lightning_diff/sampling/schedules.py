@@ -8,7 +8,10 @@ in float64 so that the step sizes of a 1000-step schedule are not rounded away.
 from __future__ import annotations
 
 import math
+import warnings
+from fractions import Fraction
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -19,6 +22,7 @@ __all__ = [
     "loglinear_sigmas",
     "iddpm_sigmas",
     "ddpm_timesteps",
+    "ddpm_sigmas",
     "rf_sigmas",
     "SPACINGS",
 ]
@@ -93,41 +97,72 @@ def iddpm_sigmas(num_steps: int, u: torch.Tensor, j0: int = 8) -> torch.Tensor:
 
 
 def ddpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") -> torch.Tensor:
-    """The decreasing 0-based timestep indices a strided DDPM/DDIM sampler visits.
+    """The 0-based timestep indices a strided DDPM/DDIM sampler visits, largest first, exactly as the code
+    each rule comes from computes them (numpy float64: an ulp decides a floor or a .5).
 
-    - ``linear``: DDIM's ``tau_i = floor(c i)`` with ``c = T // N`` (Song et al. 2021, App. D.2);
-      the same as diffusers' ``leading``.
-    - ``quadratic``: DDIM's ``tau_i = floor(c i^2)``, ``c`` so that the largest is ``0.8 T``
-      (the DDIM code's CIFAR-10 choice).
-    - ``leading`` (= linear), ``trailing`` (``round(T - i T/N) - 1``), ``linspace``
-      (``round(linspace(0, T-1, N))``), as in diffusers (Lin et al. 2024, Table 2).
+    - ``linear``: the DDIM code's ``skip_type="uniform"`` (ermongroup/ddim, ``runners/diffusion.py``):
+      ``range(0, T, T // N)``; that is ``ceil(T / (T // N))`` timesteps, more than N when N does not
+      divide T (N = 30 of 1000: stride 33, 31 timesteps).
+    - ``quadratic``: the DDIM code's ``skip_type="quad"`` (its CIFAR-10 choice; Song et al. 2021, App. D.2):
+      ``int(s)`` of ``linspace(0, sqrt(0.8 T), N) ** 2``. From N = 30 at T = 1000 the smallest indices
+      repeat (0, 0, 0, 1, ...); they are kept here, see ``ddpm_sigmas`` for how a repeat is run.
+    - ``leading``, ``trailing``, ``linspace``: diffusers' ``DDIMScheduler.set_timesteps`` (Lin et al. 2024,
+      Table 2) with ``steps_offset=0``: ``(T // N) i``, ``round(T - i T / N) - 1``,
+      ``round(linspace(0, T - 1, N))``, N entries each. diffusers' ``trailing`` takes
+      ``np.arange(T, 0, -T / N)``, which overshoots to N + 1 entries ending in -1 for some N (62 of
+      1..1000 at T = 1000); for those N this is the closed form ``round(T - i T / N) - 1``, i < N, in
+      exact arithmetic (ties to even, as numpy rounds).
 
-    Returns a long tensor ``[num_steps]``, largest index first.
+    Returns a long tensor ``[K]``, largest index first (K = N except ``linear`` as above).
     """
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps={num_timesteps!r} is invalid; allowed: an integer >= 1")
     _check_steps(num_steps)
     if num_steps > num_timesteps:
         raise ValueError(f"num_steps={num_steps} exceeds the formulation's {num_timesteps} timesteps")
-    if spacing in ("linear", "leading"):
-        idx = torch.arange(num_steps, dtype=torch.long) * (num_timesteps // num_steps)
+    T, N = num_timesteps, num_steps
+    if spacing == "linear":
+        idx = list(range(0, T, T // N))
     elif spacing == "quadratic":
-        idx = (torch.linspace(0, math.sqrt(num_timesteps * 0.8), num_steps, dtype=torch.float64) ** 2).long()
+        idx = [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), N) ** 2]
+    elif spacing == "leading":
+        idx = list(np.arange(N) * (T // N))
     elif spacing == "trailing":
-        ramp = torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64)
-        idx = torch.round(ramp).long() - 1
-        idx = idx.flip(0)
+        idx = (np.round(np.arange(T, 0, -T / N)) - 1).astype(np.int64).tolist()[::-1]
+        if len(idx) != N:  # np.arange overshot: the closed form (Fraction rounds ties to even)
+            idx = [round(Fraction(T * (N - i), N)) - 1 for i in reversed(range(N))]
     elif spacing == "linspace":
-        idx = torch.round(torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64)).long()
+        idx = list(np.linspace(0, T - 1, N).round())
     else:
         raise ValueError(f"spacing={spacing!r} is not known; allowed: {', '.join(SPACINGS)}")
-    if torch.unique(idx).numel() != num_steps:
-        raise ValueError(f"spacing={spacing!r} with num_steps={num_steps} of {num_timesteps} "
-                         "repeats a timestep")
-    return idx.flip(0)
+    return torch.tensor(idx, dtype=torch.long).flip(0)
+
+
+def ddpm_sigmas(timestep_sigmas: torch.Tensor, num_steps: int, spacing: str = "linear") -> torch.Tensor:
+    """Sigma grid of a strided DDPM/DDIM sampler: the distinct timesteps of ``ddpm_timesteps`` as noise
+    levels, largest first, then 0. Returns float64 ``[K + 1]``, K the number of distinct timesteps.
+
+    ``timestep_sigmas`` ``[T]`` is the noise level of timestep index 0..T-1 (increasing). A repeated index
+    (``quadratic`` from N = 30 at T = 1000) is dropped: the DDIM code runs it as a step from t to the same
+    t, an identity step for DDIM (any eta) and DDPM (beta_t = 0) that still costs a network evaluation, so
+    the reference spends N evaluations where this grid spends K. Warns whenever K != N.
+    """
+    T = timestep_sigmas.numel()
+    visited = ddpm_timesteps(T, num_steps, spacing)
+    distinct = torch.unique(visited).flip(0)  # unique sorts ascending
+    if distinct.numel() != num_steps:
+        repeats = visited.numel() - distinct.numel()
+        what = (f"{repeats} repeated timesteps are dropped (the DDIM code runs them as identity steps t -> t, "
+                f"{visited.numel()} network evaluations)" if repeats else
+                f"range(0, {T}, {T // num_steps}) visits {visited.numel()} timesteps (the DDIM code's stride)")
+        warnings.warn(f"spacing={spacing!r} with num_steps={num_steps} of {T}: {what}; the grid has "
+                      f"{distinct.numel()} steps", UserWarning, stacklevel=2)
+    return append_zero(timestep_sigmas.to(torch.float64)[distinct])
 
 
 def rf_sigmas(num_steps: int, t_max: float = 1.0 - 1e-3, shift: float = 1.0, device=None) -> torch.Tensor:
     """Rectified-flow grid uniform in t (Liu et al. 2023): ``t_i = t_max (1 - i/N)`` for i <= N, mapped to
-    ``sigma = shift * t / (1 - t)`` (MATH.md §6.8, convention A: t=0 data). The last entry is 0.
+    ``sigma = shift * t / (1 - t)`` (docs/formulations.md#rf, convention A: t=0 data). The last entry is 0.
     Returns ``[num_steps + 1]`` float64."""
     _check_steps(num_steps)
     t = torch.linspace(t_max, 0.0, num_steps + 1, dtype=torch.float64, device=device)

@@ -2,7 +2,8 @@
 between the PF-ODE and the reverse SDE, and the predictor-corrector sampler.
 
 In the formulation's frame ``X = s(t) x_sigma`` the forward SDE is ``dX = f X dt + g dw`` with
-``f = s'/s, g = s sqrt(2 sigma' sigma)`` and score ``(D(X/s; sigma) - X/s) / (s sigma^2)`` (MATH.md §6.1).
+``f = s'/s, g = s sqrt(2 sigma' sigma)`` and score ``(D(X/s; sigma) - X/s) / (s sigma^2)``
+(docs/formulations.md#sde-view).
 For every ``noise_scale`` lambda in [0, 1] the SDE
 
     dX = [f X - (1 + lambda^2) / 2 g^2 grad log p_t(X)] dt + lambda g dw_bar
@@ -49,7 +50,7 @@ def _em_step(evaluate: Evaluator, state, fm, t: float, t_next: float, noise_scal
     s_next = float(fm.s(torch.tensor(t_next, dtype=torch.float64)))
     denoised = evaluate(state, sig)
     X = s * state
-    score = (denoised - state) / (s * sig**2)  # grad_X log p_t(X), MATH.md §6.1
+    score = (denoised - state) / (s * sig**2)  # grad_X log p_t(X), docs/formulations.md#sde-view
     lam2 = 0.0 if last else noise_scale**2
     dt = t_next - t
     X = X + (f * X - 0.5 * (1 + lam2) * g**2 * score) * dt
@@ -72,7 +73,7 @@ def euler_maruyama(denoiser, x, sigmas, *, formulation=None, noise_scale: float 
     Returns:
         ``[B, ...]`` samples in the sigma-frame (the data frame at sigma = 0).
     """
-    grid = check_grid(sigmas, x, "euler_maruyama")
+    grid = check_grid(sigmas, x, "euler_maruyama", denoiser)
     if not isinstance(noise_scale, (int, float)) or not 0 <= noise_scale <= 1:
         raise ValueError(f"sampler=euler_maruyama: noise_scale={noise_scale!r} is invalid; "
                          "allowed: 0 <= noise_scale <= 1")
@@ -116,7 +117,7 @@ def pc(denoiser, x, sigmas, *, predictor: str = "reverse_diffusion", corrector_s
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    grid = check_grid(sigmas, x, "pc")
+    grid = check_grid(sigmas, x, "pc", denoiser)
     check_choice("pc", "predictor", predictor, PREDICTORS)
     if not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"sampler=pc: corrector_steps={corrector_steps!r} is invalid; "

