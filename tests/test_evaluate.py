@@ -128,3 +128,13 @@ def test_vlb_of_a_ddpm_model_is_the_library_bound_on_the_split(tmp_path, cache_d
                                    scale=1 / 127.5, offset=-1.0, generator=torch.Generator().manual_seed(0))
     assert math.isfinite(record["metrics"]["vlb_bpd"]) and record["metrics"]["vlb_bpd"] > 0
     assert record["metrics"]["vlb_bpd"] == pytest.approx(expected.mean().item(), rel=1e-9)
+
+
+def test_kid_subset_larger_than_the_images_fails_before_any_work():
+    """A KID subset larger than metrics.num_images used to fail only after the reference statistics and all
+    samples were computed (minutes); it is refused before ``module`` or the data are touched."""
+    from lightning_diff.evaluation import sample_quality
+
+    with pytest.raises(ValueError, match=r"metrics.kid.subset_size=1000 .*metrics.num_images=256.*\[2, 256\]"):
+        sample_quality(None, None, ["fid", "kid"], num_images=256, weights="ema", sampler=None,
+                       options={"kid": {"subset_size": 1000}})

@@ -79,6 +79,10 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
     """
     metrics = [m for m in SAMPLE_METRICS if m in metrics]
     options = {m: dict(o or {}) for m, o in (options or {}).items()}
+    subset_size = options.get("kid", {}).get("subset_size", 1000)
+    if "kid" in metrics and not 2 <= subset_size <= num_images:  # before any sampling or reference statistics
+        raise ValueError(f"metrics.kid.subset_size={subset_size} is invalid for metrics.num_images={num_images}; "
+                         f"allowed: an integer in [2, {num_images}]")
     _check_options(options)
     device = torch.device(device) if device is not None else module.device
     weights_arg = default_inception_weights(inception_weights, metrics)
@@ -124,7 +128,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
             fid_method=options.get("fid", {}).get("method", "sqrtm"),
             isc_splits=options.get("is", {}).get("splits", 10),
             kid_subsets=options.get("kid", {}).get("subsets", 100),
-            kid_subset_size=options.get("kid", {}).get("subset_size", 1000),
+            kid_subset_size=subset_size,
             pr_neighborhood=options.get("pr", {}).get("neighborhood", 3))
     results = {k: v for k, v in out.items() if k not in ("per_seed_set", "best_seed_set")}
     protocol = protocol_record(
