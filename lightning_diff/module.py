@@ -322,7 +322,8 @@ class DiffusionModule(pl.LightningModule):
         shape = tuple(data_shape)
         if sigmas is None:
             sigmas = settings.sigmas(self.formulation)
-        sigmas = sigmas.to(self.device, torch.float64)
+        # snapped before the start noise is scaled by sigmas[0], as NVlabs/edm's sampler does
+        sigmas = self.denoiser.round_sigma(sigmas.to(self.device, torch.float64))
         generator = sampling.PerSampleGenerator([int(s) for s in seeds])
         x = sampling.initial_noise(generator, shape, float(sigmas[0]), device=self.device)
         cond = None if labels is None else {"labels": labels.to(self.device)}

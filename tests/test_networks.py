@@ -161,11 +161,9 @@ def test_conditioning_changes_output(preset):
     assert torch.equal(base, net(x, c_noise, torch.tensor([0, 0]), torch.zeros(2, 9)))  # zero = none
 
 
-@pytest.mark.parametrize("preset", TINY)
-def test_label_dropout_swaps_in_the_null_label(preset):
-    net = randomize(build(preset, num_classes=4, label_dropout=0.5))
-    x = torch.randn(1, CH, RES, RES).expand(16, -1, -1, -1)
-    c_noise, labels = torch.zeros(16), torch.full((16,), 2)
+def assert_label_dropout_swaps_in_the_null_label(net, x, c_noise, labels):
+    """In training mode every row of ``net(x, c_noise, labels)`` (identical rows) is either the conditional output
+    or the null-label output, and both occur (label dropout replaces whole labels by the null label)."""
     net.eval()
     cond, null = net(x[:1], c_noise[:1], labels[:1]), net(x[:1], c_noise[:1], None)
     net.train()
@@ -173,6 +171,14 @@ def test_label_dropout_swaps_in_the_null_label(preset):
     is_cond = (out - cond).flatten(1).abs().amax(1) < 1e-5
     is_null = (out - null).flatten(1).abs().amax(1) < 1e-5
     assert torch.all(is_cond ^ is_null) and is_cond.any() and is_null.any()
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_label_dropout_swaps_in_the_null_label(preset):
+    net = randomize(build(preset, num_classes=4, label_dropout=0.5))
+    x = torch.randn(1, CH, RES, RES).expand(16, -1, -1, -1)
+    c_noise, labels = torch.zeros(16), torch.full((16,), 2)
+    assert_label_dropout_swaps_in_the_null_label(net, x, c_noise, labels)
 
 
 @pytest.mark.parametrize("preset", TINY)
@@ -254,13 +260,7 @@ def test_cpu_preset_label_dropout_swaps_in_the_null_label(preset):
     net = randomize(build_cpu(preset, num_classes=4, label_dropout=0.5))
     x, _ = cpu_inputs(preset, batch=1)
     x, c_noise, labels = x.expand(16, *x.shape[1:]), torch.zeros(16), torch.full((16,), 2)
-    net.eval()
-    cond, null = net(x[:1], c_noise[:1], labels[:1]), net(x[:1], c_noise[:1], None)
-    net.train()
-    out = net(x, c_noise, labels)
-    is_cond = (out - cond).flatten(1).abs().amax(1) < 1e-5
-    is_null = (out - null).flatten(1).abs().amax(1) < 1e-5
-    assert torch.all(is_cond ^ is_null) and is_cond.any() and is_null.any()
+    assert_label_dropout_swaps_in_the_null_label(net, x, c_noise, labels)
 
 
 @pytest.mark.parametrize("preset", CPU)
