@@ -34,16 +34,21 @@ class Denoiser(nn.Module):
             interpolation (Nichol & Dhariwal 2021, eq. 15 and L_hybrid). The loss here reads the first C
             channels only, so it is False for every model trained today and ``vlb variance=learned``
             refuses such a model.
+        float32_preconditioning: run the preconditioning and the output in float32 even for float64 inputs,
+            as NVlabs/edm's preconditioners do (``x.to(torch.float32)``); set by the importer of EDM pickles so
+            that our sampler reproduces EDM's images. False: float64 inputs stay float64.
 
     Preconditioning and the loss run in float32 (float64 when ``x`` is float64) with autocast off;
     only the backbone runs under whatever autocast the caller (Lightning's precision plugin) set.
     """
 
-    def __init__(self, backbone: nn.Module, formulation: Formulation, variance_trained: bool = False):
+    def __init__(self, backbone: nn.Module, formulation: Formulation, variance_trained: bool = False,
+                 float32_preconditioning: bool = False):
         super().__init__()
         self.backbone = backbone
         self.formulation = formulation
         self.variance_trained = variance_trained
+        self.float32_preconditioning = float32_preconditioning
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """Snap noise levels to those the network was trained on (the formulation's ``round_sigma``, EDM's
@@ -53,10 +58,13 @@ class Denoiser(nn.Module):
 
     @property
     def null_label(self) -> int | None:
-        """The label meaning "unconditional" inside a batch (the backbone's learned null label, index
-        ``num_classes`` of its ``LabelEmbedding``), so CFG runs both passes as one batch; None without one."""
+        """The label meaning "unconditional" inside a batch, so CFG runs both passes as one batch; None without
+        one. A backbone that defines ``null_label`` (a wrapper around an outside model) answers for itself;
+        otherwise it is the learned null label of its ``LabelEmbedding`` (index ``num_classes``)."""
+        if hasattr(self.backbone, "null_label"):
+            return self.backbone.null_label
         embedding = next((m for m in self.backbone.modules() if isinstance(m, LabelEmbedding)), None)
-        return None if embedding is None else embedding.num_classes
+        return None if embedding is None else embedding.null_label
 
     def _backbone_dtype(self, x: torch.Tensor) -> torch.dtype:
         param = next(self.backbone.parameters(), None)
@@ -82,7 +90,7 @@ class Denoiser(nn.Module):
         Returns:
             ``[B, C, ...]`` in float32 (float64 when x is float64).
         """
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if x.dtype == torch.float64 and not self.float32_preconditioning else torch.float32
         x = x.to(dtype)
         _, c_skip, c_out, c_in, c_noise = self.precondition(x, sigma)
         F = self.backbone((c_in * x).to(self._backbone_dtype(x)), c_noise, labels, **cond)

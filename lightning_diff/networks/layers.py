@@ -46,17 +46,31 @@ class FourierEmbedding(nn.Module):
 class LabelEmbedding(nn.Module):
     """Class-label embedding with a learned null label (index ``num_classes``) for classifier-free
     guidance; during training labels are replaced by the null label with probability ``dropout``
-    (Ho & Salimans 2022; k-diffusion uses 0.1). ``None`` labels mean "unconditional"."""
+    (Ho & Salimans 2022; k-diffusion uses 0.1). ``None`` labels mean "unconditional".
 
-    def __init__(self, num_classes: int, num_channels: int, dropout: float = 0.0):
+    ``with_null=False`` builds a table of ``num_classes`` rows only (ADM's class-conditional models have no
+    unconditional mode): ``None`` labels and label dropout are then errors, and ``null_label`` is None."""
+
+    def __init__(self, num_classes: int, num_channels: int, dropout: float = 0.0, with_null: bool = True):
         super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"label_dropout={dropout} is invalid; allowed: 0 <= label_dropout < 1")
-        self.num_classes, self.dropout = num_classes, dropout
-        self.embed = nn.Embedding(num_classes + 1, num_channels)
+        if dropout and not with_null:
+            raise ValueError(f"label_dropout={dropout} needs a null label; allowed: label_dropout=0 with "
+                             "with_null=False")
+        self.num_classes, self.dropout, self.with_null = num_classes, dropout, with_null
+        self.embed = nn.Embedding(num_classes + int(with_null), num_channels)
+
+    @property
+    def null_label(self) -> int | None:
+        """The index of the null label (``num_classes``), None for a table without one."""
+        return self.num_classes if self.with_null else None
 
     def forward(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         if labels is None:
+            if not self.with_null:
+                raise ValueError(f"labels=None for a class-conditional network without a null label "
+                                 f"(num_classes={self.num_classes}); allowed: class labels in [0, {self.num_classes})")
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         elif self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
