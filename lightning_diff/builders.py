@@ -6,6 +6,9 @@ what they build."""
 from __future__ import annotations
 
 import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
 
 import hydra
 import torch
@@ -15,9 +18,12 @@ from .checkpoint_io import load_checkpoint
 from .data.augment import check_augment_dim
 from .data.transforms import DataTransform
 from .module import DiffusionModule
+from .pretrained import load_pretrained, remote
 
 __all__ = ["build_datamodule", "build_network", "build_module", "build_logger", "build_callbacks", "load_module",
-           "resolve_device"]
+           "is_released", "pretrained_flags", "resolve_device"]
+
+_RELEASED_SUFFIXES = (".pkl", ".pt", ".pth")  # files of the papers' own code (lightning_diff.pretrained)
 
 # Network settings that may be left null in a network config and are then read off the data:
 # setting -> f(data_shape, num_classes).
@@ -96,12 +102,25 @@ def build_callbacks(cfg: DictConfig) -> list:
     return [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
-def load_module(ckpt_path: str, weights: str = "ema", map_location="cpu") -> DiffusionModule:
+def load_module(ckpt_path: str, weights: str = "ema", map_location="cpu",
+                pretrained: Mapping | None = None) -> DiffusionModule:
     """Rebuild a ``DiffusionModule`` in eval mode from a checkpoint written by ``train`` (the run's config,
-    the data's shape, classes and transform are stored in it).
+    the data's shape, classes and transform are stored in it), or from a released checkpoint.
 
     ``weights="ema"`` loads the EMA average when the checkpoint has one, ``"raw"`` the trained weights; the
-    choice made is in ``module.weights`` (``DiffusionModule.load_weights``)."""
+    choice made is in ``module.weights`` (``DiffusionModule.load_weights``).
+
+    Released checkpoints (``lightning_diff.pretrained``: a ``.pkl``, ``.pt``/``.pth``, a folder, an ``https://``
+    URL or ``hf://`` id, or any path when ``pretrained`` names a ``format``) are read by ``pretrained.load_pretrained``
+    with the settings in ``pretrained`` (``format``, ``sha256`` and the format's own flags); the module holds the
+    released weights (``module.weights == "released"``) and its ``run_config`` is ``{"pretrained": {format, source,
+    file, config}}`` (``file``: the local copy of a remote source), with no data section."""
+    pretrained = dict(pretrained or {})
+    if is_released(ckpt_path, pretrained):
+        return _released_module(ckpt_path, pretrained, weights, map_location)
+    if pretrained:
+        raise ValueError(f"pretrained.{next(iter(pretrained))}=...: pretrained settings apply to released "
+                         f"checkpoints only; ckpt={ckpt_path} was written by lightning-diff train (drop them)")
     checkpoint = load_checkpoint(ckpt_path, map_location=map_location)
     cfg = checkpoint.get("run_config")
     if cfg is None:
@@ -114,3 +133,33 @@ def load_module(ckpt_path: str, weights: str = "ema", map_location="cpu") -> Dif
                          num_classes=num_classes, run_config=run_config,
                          data_transform=None if transform is None else DataTransform(**transform))
     return module.load_weights(checkpoint, weights).eval()
+
+
+def pretrained_flags(node) -> dict:
+    """The ``pretrained:`` node of ``sample.yaml`` / ``evaluate.yaml`` as ``load_pretrained`` keywords (settings
+    left null dropped, so that ``format`` is inferred and no digest is checked)."""
+    flags = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def is_released(ckpt_path, pretrained: Mapping | None = None) -> bool:
+    """True when ``ckpt_path`` is read by ``lightning_diff.pretrained`` rather than as a ``train`` checkpoint:
+    a remote source, a folder, a ``.pkl``/``.pt``/``.pth`` file, or any file when ``pretrained.format`` is set."""
+    path = str(ckpt_path)
+    return (remote.is_remote(path) or Path(path).is_dir() or Path(path).suffix in _RELEASED_SUFFIXES
+            or (pretrained or {}).get("format") is not None)
+
+
+def _released_module(ckpt_path, pretrained: dict, weights: str, map_location) -> DiffusionModule:
+    if weights != "ema":
+        raise ValueError(f"weights={weights}: a released checkpoint holds the one set of weights its authors "
+                         f"published (EDM and DiT: the EMA); allowed: weights=ema (the default) for ckpt={ckpt_path}")
+    released = load_pretrained(ckpt_path, map_location=map_location, **pretrained)
+    record = {"format": released.format, "source": str(ckpt_path), "file": str(released.source),
+              "config": json.loads(json.dumps(released.config, default=str))}  # JSON-ready, for records
+    module = DiffusionModule(None, None, denoiser=released.denoiser, decoder=released.decoder,
+                             conditional=released.num_classes > 0, num_classes=released.num_classes,
+                             data_shape=released.data_shape, data_transform=released.data_transform,
+                             run_config={"pretrained": record})
+    return module.eval()
+

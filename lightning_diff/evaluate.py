@@ -1,7 +1,9 @@
 """``lightning-diff evaluate``: FID/IS/KID/precision-recall and bits/dim of a checkpoint (``configs/evaluate.yaml``).
 
 ``lightning-diff evaluate ckpt=PATH metrics=[fid,is,kid,pr,bpd,vlb]`` loads the checkpoint (EMA weights by
-default), rebuilds the run's data module from the config stored in it, generates ``metrics.num_images``
+default; or a released checkpoint, ``lightning_diff.pretrained``), rebuilds the run's data module from the config
+stored in it (``data=<group>`` replaces it; a released checkpoint has none: ``data=`` or a published statistics
+file ``metrics.reference=<file.npz>``), generates ``metrics.num_images``
 images with per-sample seeds, scores them against cached statistics of the reference split, computes
 bits/dim on the test split (val when there is none), writes ``<ckpt dir>/eval-<name>.json`` (numbers and
 protocol) and prints a one-line summary. The work is done by ``lightning_diff.evaluation``.
@@ -12,9 +14,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .builders import build_datamodule, load_module, resolve_device
+from .builders import build_datamodule, load_module, pretrained_flags, resolve_device
 from .config import CONFIG_DIR
 from .evaluation import (
+    LIKELIHOOD_METRICS,
     SAMPLE_METRICS,
     require_discrete,
     sample_quality,
@@ -24,6 +27,7 @@ from .evaluation import (
     summary_line,
     write_record,
 )
+from .metrics import is_published_reference
 from .module import SamplerSettings
 
 __all__ = ["evaluate", "main"]
@@ -33,20 +37,20 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation ``cfg`` (``configs/evaluate.yaml``) and write its JSON; returns the record
     ``{"checkpoint", "metrics", "protocol", "config", "path"}``."""
     names = selected_metrics(cfg.metrics)
-    module = load_module(cfg.ckpt, weights=cfg.weights).to(resolve_device(cfg.device))
+    module = load_module(cfg.ckpt, weights=cfg.weights, pretrained=pretrained_flags(cfg.get("pretrained")))
+    module = module.to(resolve_device(cfg.device))
     if "vlb" in names:
         require_discrete(module.formulation)  # before any other work
     sampler = SamplerSettings.from_config(cfg.sampler).check(module.formulation)
-    if (module.run_config or {}).get("data") is None:
-        raise ValueError(f"ckpt={cfg.ckpt}: its run_config has no data section to rebuild the data module from")
-    datamodule = build_datamodule(OmegaConf.create(module.run_config))
+    datamodule = _datamodule(cfg, module, names)
     options = {m: OmegaConf.to_container(cfg.metrics[m], resolve=True) for m in names}
     results, protocol = {}, {"weights": module.weights}
     if set(names) & set(SAMPLE_METRICS):
         m = cfg.metrics
         values, protocol["samples"] = sample_quality(
             module, datamodule, names, num_images=m.num_images, weights=module.weights, sampler=sampler,
-            guidance=cfg.guidance, seed=cfg.seed, seed_sets=m.seed_sets, reference=m.reference,
+            guidance=cfg.guidance, seed=cfg.seed, seed_protocol=cfg.seed_protocol, seed_sets=m.seed_sets,
+            reference=m.reference,
             reference_num_images=m.reference_num_images, inception_weights=m.inception_weights,
             batch_size=m.batch_size, cache_dir=m.cache_dir,
             options={k: v for k, v in options.items() if k in SAMPLE_METRICS}, progress=cfg.progress)
@@ -58,7 +62,33 @@ def evaluate(cfg: DictConfig) -> dict:
     if "vlb" in names:
         values, protocol["vlb"] = split_vlb(module, datamodule, seed=cfg.seed, progress=cfg.progress, **options["vlb"])
         results.update(values)
-    return write_record(cfg.ckpt, results, protocol, OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    released = (module.run_config or {}).get("pretrained")
+    if released is not None:
+        protocol["pretrained"] = released
+    checkpoint = cfg.ckpt if released is None else released["file"]  # a URL's record goes beside its cached file
+    return write_record(checkpoint, results, protocol, OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+
+
+def _datamodule(cfg: DictConfig, module, names: list[str]):
+    """``data=<group>`` when given, else the run's own data (its ``run_config``), else None: a released checkpoint
+    scored against a published statistics file only. ValueError naming ``data=`` and ``metrics.reference=``
+    when the metrics need data and there is none."""
+    if cfg.get("data") is not None:
+        datamodule = build_datamodule(cfg)
+        if module.decoder is None and tuple(datamodule.data_shape) != tuple(module.data_shape):
+            raise ValueError(f"data={datamodule.name} has images of shape {list(datamodule.data_shape)}; ckpt="
+                             f"{cfg.ckpt} generates {list(module.data_shape)}; allowed: data of the model's shape")
+        return datamodule
+    if (module.run_config or {}).get("data") is not None:
+        return build_datamodule(OmegaConf.create(module.run_config))
+    needs_data = [n for n in names if n in LIKELIHOOD_METRICS]
+    if not is_published_reference(cfg.metrics.reference) and set(names) & set(SAMPLE_METRICS):
+        needs_data.append(f"metrics.reference={cfg.metrics.reference}")
+    if needs_data:
+        raise ValueError(f"ckpt={cfg.ckpt} has no data of its own (a released checkpoint, or a run_config without "
+                         f"data) and {', '.join(needs_data)} needs one: pass data=<group> (e.g. data=cifar10), or "
+                         "score FID/IS against published statistics with metrics.reference=/path/to/ref.npz")
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

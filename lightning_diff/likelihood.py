@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from . import analytic_dpm
 from .data.transforms import DataTransform, dequantize
 from .denoiser import Denoiser
 
@@ -28,7 +29,7 @@ __all__ = [
 
 DIVERGENCES = ("hutchinson", "exact")
 PROBES = ("rademacher", "gaussian")
-VARIANCES = ("fixed_small", "fixed_large", "learned")
+VARIANCES = ("fixed_small", "fixed_large", "learned", "analytic")
 
 
 def _divergence_fn(denoiser, divergence: str, probe_vectors: torch.Tensor | None, cond: dict):
@@ -289,24 +290,35 @@ def vlb_bits_per_dim(
     scale: float,
     offset: float,
     variance: str = "fixed_small",
+    moments: analytic_dpm.ScoreMoments | None = None,
+    steps: int | None = None,
     clip_denoised: bool = True,
     labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """The discrete variational bound ``L_T + sum_{t>1} L_{t-1} + L_0`` in bits/dim (iDDPM ``calc_bpd_loop``).
+    """The discrete variational bound ``L_T + sum_{t>1} L_{t-1} + L_0`` in bits/dim (iDDPM ``calc_bpd_loop``),
+    of the full chain or of a strided one (iDDPM's respacing: the betas re-derived from abar at the visited
+    timesteps, ``beta_k = 1 - abar_{tau_k} / abar_{tau_{k-1}}``; Bao et al. 2022 Sec. 4).
 
     Args:
         denoiser: ``denoiser(x, sigma, labels) -> D`` in the sigma-frame (``x_t = sqrt(abar_t) x``).
         x_int: integer data ``[B, C, ...]``; ``x_0 = scale * x_int + offset`` (no dequantization).
         formulation: a ``ddpm`` formulation (``.betas``, ``.alphas_cumprod``): linear (Ho et al.) or
-            cosine (Nichol & Dhariwal) schedule; all T terms are evaluated (T network calls per image).
+            cosine (Nichol & Dhariwal) schedule; every term of the chain is evaluated (one network call each).
         variance: ``"fixed_small"`` (posterior variance beta~_t), ``"fixed_large"`` (beta_t) or
             ``"learned"`` (iDDPM eq. 15: ``exp(v log beta + (1 - v) log beta~)``, v = (out + 1) / 2 from
-            the backbone's extra C channels; only for a Denoiser with ``variance_trained``, else ValueError).
+            the backbone's extra C channels; only for a Denoiser with ``variance_trained``, else ValueError) or
+            ``"analytic"`` (Bao et al. 2022 Thm 1 clipped to Thm 2, ``analytic_dpm.optimal_variances``, from
+            ``moments`` estimated on training data at every level of the chain; the decoder L_0 keeps the
+            fixed_small variance, as Bao et al.'s code).
+        moments: ``analytic_dpm.ScoreMoments`` of this denoiser (only with ``variance="analytic"``).
+        steps: None for all T timesteps, or the strided chain of ``formulation.sampling_sigmas(steps)``
+            (the sampler's timesteps, its spacing).
         clip_denoised: clip the predicted x_0 to the data range (iDDPM's evaluation default).
     Returns:
-        ``(bpd [B] float64, info)`` with ``info["prior_bpd"]``, ``info["terms_bpd"]`` ``[T, B]`` (index t
-        0-based: L_0 decoder, then the KL terms) and ``info["nfe"]`` (= T).
+        ``(bpd [B] float64, info)`` with ``info["prior_bpd"]``, ``info["terms_bpd"]`` ``[K, B]`` (index k
+        0-based: L_0 decoder, then the KL terms), ``info["nfe"]`` (= K) and ``info["timesteps"]`` ``[K]`` (the
+        0-based DDPM timesteps of the chain, increasing); K = T for the full chain.
     """
     if not hasattr(formulation, "alphas_cumprod"):
         raise ValueError(
@@ -317,9 +329,13 @@ def vlb_bits_per_dim(
         raise ValueError(f"likelihood.variance={variance!r} is not known; allowed: {VARIANCES}")
     if variance == "learned":
         _require_trained_variance(denoiser)
+    if (variance == "analytic") != (moments is not None):
+        raise ValueError(f"likelihood.variance={variance!r} with moments={type(moments).__name__}: the score "
+                         "moments go with variance='analytic' only; allowed: variance=analytic with "
+                         "analytic_dpm.ScoreMoments, or another variance without moments")
     device = x_int.device
-    betas = formulation.betas.to(device, torch.float64)
-    abar = formulation.alphas_cumprod.to(device, torch.float64)
+    timesteps, betas, abar = _chain(formulation, steps)
+    betas, abar = betas.to(device), abar.to(device)
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     T = betas.numel()
     post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t (Ho et al. eq. 7)
@@ -327,6 +343,9 @@ def vlb_bits_per_dim(
     large_logvar = torch.log(torch.cat([post_var[1:2], betas[1:]]))
     coef_x0 = betas * abar_prev.sqrt() / (1 - abar)
     coef_xt = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+    if variance == "analytic":  # the steps t -> t-1, largest t first, as the sampler's grid
+        chain_sigmas = torch.cat([((1 - abar) / abar).sqrt().flip(0), abar.new_zeros(1)])
+        analytic_logvar = analytic_dpm.optimal_variances(chain_sigmas.cpu(), moments).flip(0).to(device).log()
 
     x0 = scale * x_int.to(torch.float64) + offset
     low, high, half_width = offset, scale * 255 + offset, scale / 2
@@ -350,8 +369,10 @@ def vlb_bits_per_dim(
         if variance == "learned":
             frac = (v.to(torch.float64) + 1) / 2
             logvar = frac * torch.log(betas[t]) + (1 - frac) * post_logvar[t]
+        elif variance == "analytic" and t > 0:
+            logvar = analytic_logvar[t].expand_as(mean)
         else:
-            logvar = (post_logvar if variance == "fixed_small" else large_logvar)[t].expand_as(mean)
+            logvar = (large_logvar if variance == "fixed_large" else post_logvar)[t].expand_as(mean)
         if t == 0:
             nats = -_discretized_gaussian_log_likelihood(
                 x0, mean, 0.5 * logvar, half_width=half_width, low=low, high=high
@@ -365,4 +386,17 @@ def vlb_bits_per_dim(
         mean_T, torch.log(1 - abar[-1]).expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)
     )
     prior_bpd = prior.flatten(1).sum(1) / (d * math.log(2))
-    return terms.sum(0) + prior_bpd, {"prior_bpd": prior_bpd, "terms_bpd": terms, "nfe": T}
+    return terms.sum(0) + prior_bpd, {"prior_bpd": prior_bpd, "terms_bpd": terms, "nfe": T, "timesteps": timesteps}
+
+
+def _chain(formulation, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(timesteps [K] long, betas [K], abar [K])`` float64, increasing t, of the full DDPM chain (``steps``
+    None: the formulation's own betas) or of the strided one through the timesteps of
+    ``formulation.sampling_sigmas(steps)``, ``beta_k = 1 - abar_k / abar_{k-1}`` (iDDPM's respacing)."""
+    abar = formulation.alphas_cumprod.to(torch.float64)
+    if steps is None:
+        return torch.arange(abar.numel()), formulation.betas.to(torch.float64), abar
+    sigmas = formulation.sampling_sigmas(steps)
+    timesteps = formulation.timestep_index(sigmas[:-1].to(torch.float64)).flip(0)
+    abar = abar[timesteps]
+    return timesteps, 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]]), abar

@@ -1,6 +1,7 @@
 """``DiffusionModule``: the LightningModule that trains any formulation with the one loss.
 
-Nothing here branches on the formulation: the training step is ``Denoiser.loss``; validation reports
+Nothing here branches on the formulation: the training step is the objective (default ``Denoiser.loss``,
+``lightning_diff.objectives``); validation reports
 the same loss per noise-level bucket on a fixed draw of noise; ``sample`` runs a sampler of
 ``lightning_diff.sampling`` on the formulation's grid with per-sample seeds. ``SamplerSettings`` is the one
 sampler setting (``configs/sampler``) of training, ``sample``, ``evaluate`` and the callbacks.
@@ -24,6 +25,7 @@ from .checkpoint_io import CHECKPOINT_FORMAT, FORMAT_KEY
 from .data.transforms import DataTransform
 from .denoiser import Denoiser
 from .formulations import Formulation
+from .objectives import DenoisingScoreMatching
 
 __all__ = ["DiffusionModule", "SamplerSettings"]
 
@@ -174,14 +176,23 @@ class DiffusionModule(pl.LightningModule):
         augment_pipe: ``images -> (images, augment_labels)`` applied to training batches only, its labels
             passed to the network (EDM's non-leaky augmentation, ``data.augment.AugmentPipe``); validation
             and ``sample()`` see no augmentation and pass no labels (EDM's generate.py).
+        denoiser: a ready ``Denoiser`` (a released model, ``lightning_diff.pretrained``) used instead of
+            ``Denoiser(network, formulation)``; ``network`` and ``formulation`` are then None.
+        decoder: latent models only: maps ``[B, *data_shape]`` latents to images in model space
+            (``Pretrained.decoder``); ``evaluation.generate`` decodes its samples through it.
+        objective: the training loss, ``objective(denoiser, y, labels, **cond) -> (loss [B], sigma [B])``
+            (``lightning_diff.objectives``, ``configs/objective``); None: ``dsm``, ``Denoiser.loss``. Validation
+            reports the denoising loss whatever the objective (it runs without gradients, which ssm/ism need;
+            dsm = explicit score matching + a constant).
 
-    Attribute ``weights``: which weights the module holds, ``"raw"`` or ``"ema"`` (``load_weights``).
+    Attribute ``weights``: which weights the module holds, ``"raw"`` or ``"ema"`` (``load_weights``), or
+    ``"released"`` (a ready ``denoiser``: the weights its authors published).
     """
 
     def __init__(
         self,
-        network: nn.Module,
-        formulation: Formulation,
+        network: nn.Module | None,
+        formulation: Formulation | None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable | None = None,
         conditional: bool = False,
@@ -194,18 +205,26 @@ class DiffusionModule(pl.LightningModule):
         data_transform: DataTransform | None = None,
         run_config: dict | None = None,
         augment_pipe: Callable | None = None,
+        denoiser: Denoiser | None = None,
+        decoder: nn.Module | None = None,
+        objective: Callable | None = None,
     ):
         super().__init__()
         if val_buckets < 1:
             raise ValueError(f"val_buckets={val_buckets} is invalid; allowed: an integer >= 1")
-        self.denoiser = Denoiser(network, formulation)
+        if denoiser is not None and (network is not None or formulation is not None):
+            raise ValueError("DiffusionModule: pass either denoiser= or network= and formulation=, not both")
+        self.denoiser = denoiser if denoiser is not None else Denoiser(network, formulation)
+        self.decoder = decoder
+        formulation = self.formulation
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.conditional = conditional
         self.sampler = SamplerSettings.from_config(sampler).check(formulation)
         self.data_shape = None if data_shape is None else tuple(data_shape)
         self.num_classes, self.data_transform, self.run_config = num_classes, data_transform, run_config
-        self.weights = "raw"
+        self.weights = "raw" if denoiser is None else "released"
         self.augment_pipe = augment_pipe
+        self.objective = DenoisingScoreMatching() if objective is None else objective
         self.channels_last = channels_last
         if channels_last:
             self.denoiser.backbone.to(memory_format=torch.channels_last)
@@ -235,7 +254,7 @@ class DiffusionModule(pl.LightningModule):
         cond = {}
         if self.augment_pipe is not None:
             x, cond["augment_labels"] = self.augment_pipe(x)
-        loss, _ = self.denoiser.loss(x, labels, **cond)
+        loss, _ = self.objective(self.denoiser, x, labels, **cond)
         loss = loss.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
@@ -299,7 +318,7 @@ class DiffusionModule(pl.LightningModule):
     def sample(self, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
                sampler: SamplerSettings | Mapping | None = None, sigmas: torch.Tensor | None = None,
                data_shape: Sequence[int] | None = None, guidance: float = 1.0,
-               stats: dict | None = None) -> torch.Tensor:
+               stats: dict | None = None, seed_protocol: str = "default") -> torch.Tensor:
         """Generate one sample per seed with a sampler of ``lightning_diff.sampling``.
 
         Args:
@@ -312,6 +331,8 @@ class DiffusionModule(pl.LightningModule):
             data_shape: shape of one sample; default ``self.data_shape``.
             guidance: classifier-free guidance scale gamma (1 = none; ``sampling.CFGDenoiser``).
             stats: dict that receives the sampler's counters (``nfe``).
+            seed_protocol: ``default`` or ``edm`` (NVlabs/edm generate.py's draws: ``sampling.noise``); under
+                ``edm`` a conditional model with ``labels=None`` takes the labels drawn from each seed.
         Returns:
             ``[N, *data_shape]`` float32 in model space.
         """
@@ -324,8 +345,11 @@ class DiffusionModule(pl.LightningModule):
             sigmas = settings.sigmas(self.formulation)
         # snapped before the start noise is scaled by sigmas[0], as NVlabs/edm's sampler does
         sigmas = self.denoiser.round_sigma(sigmas.to(self.device, torch.float64))
-        generator = sampling.PerSampleGenerator([int(s) for s in seeds])
+        generator = sampling.PerSampleGenerator([int(s) for s in seeds], device=self._generator_device(seed_protocol),
+                                                protocol=seed_protocol)
         x = sampling.initial_noise(generator, shape, float(sigmas[0]), device=self.device)
+        drawn = sampling.initial_labels(generator, self.num_classes if self.conditional else 0)
+        labels = drawn if labels is None else labels
         cond = None if labels is None else {"labels": labels.to(self.device)}
         denoiser = self.denoiser if guidance == 1 else sampling.CFGDenoiser(self.denoiser, guidance)
         was_training = self.training
@@ -336,6 +360,10 @@ class DiffusionModule(pl.LightningModule):
         finally:
             self.train(was_training)
         return out.float()
+
+    def _generator_device(self, seed_protocol: str) -> torch.device:
+        """Where the per-sample generators live: the sampling device under ``edm`` (as generate.py), else CPU."""
+        return self.device if seed_protocol == "edm" else torch.device("cpu")
 
     # --- checkpoints carry the config that rebuilds the run -----------------------------------------------
     def on_save_checkpoint(self, checkpoint):

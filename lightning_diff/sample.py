@@ -13,11 +13,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from .builders import load_module, resolve_device
+from .builders import load_module, pretrained_flags, resolve_device
 from .callbacks.sample_grid import save_image_grid, save_scatter
 from .config import CONFIG_DIR
 from .data.transforms import to_uint8
 from .evaluation import generate
+from .evaluation.analytic_moments import with_moments
 from .module import SamplerSettings
 
 __all__ = ["main"]
@@ -25,11 +26,13 @@ __all__ = ["main"]
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    module = load_module(cfg.ckpt, weights=cfg.weights).to(resolve_device(cfg.device))
-    sampler = SamplerSettings.from_config(cfg.sampler).check(module.formulation)
+    module = load_module(cfg.ckpt, weights=cfg.weights, pretrained=pretrained_flags(cfg.pretrained))
+    module = module.to(resolve_device(cfg.device))
+    sampler = SamplerSettings.from_config(cfg.sampler)
+    sampler = with_moments(sampler, module, **cfg.analytic_dpm).check(module.formulation)  # ddpm variance=analytic
     seeds = range(cfg.seed, cfg.seed + cfg.num_samples)
     samples, labels, stats = generate(module, seeds, sampler=sampler, guidance=cfg.guidance,
-                                      class_label=cfg.class_label)
+                                      class_label=cfg.class_label, seed_protocol=cfg.seed_protocol)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples.numpy()} if samples.ndim == 2 else {}

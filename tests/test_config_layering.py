@@ -16,7 +16,8 @@ LAYERS = {
     "known_warnings": 0,
     "sampling.schedules": 0,  # sigma grids: pure functions that the formulations' default grids are made of
     "denoiser": 1,
-    "sampling": 2, "likelihood": 2, "metrics": 2,
+    "sampling": 2, "likelihood": 2, "metrics": 2, "objectives": 2, "analytic_dpm": 2,
+    "pretrained.remote": 0,  # download and cache: a leaf utility (published FID statistics use it too)
     "pretrained": 3, "module": 3,
     "evaluation": 4, "callbacks": 4, "builders": 4, "reports": 4,
     "train": 5, "sample": 5, "evaluate": 5,  # the entry points

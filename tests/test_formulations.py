@@ -151,9 +151,8 @@ def test_preconditioning_equals_nvlabs_edm(name, precond, monkeypatch):
     D_ours = ours(x, sigma)
     torch.testing.assert_close(D_ours, D_theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.backbone.x_in, their_in, rtol=1e-5, atol=1e-6)
-    # atol 1e-3 of c_noise's 0..999 range: NVlabs' float32 log(1 + sigma^2) loses digits at VP's sigma_min
-    # = 0.0032 (c_noise 0.00999 there, theirs 5% off); ours uses log1p.
-    torch.testing.assert_close(ours.backbone.noise_labels, their_noise.float(), rtol=1e-5, atol=1e-3)
+    # VP: ours computes ln(1 + sigma^2) as NVlabs does (not log1p, 5% off at sigma_min = 0.0032 in float32).
+    torch.testing.assert_close(ours.backbone.noise_labels, their_noise.float(), rtol=1e-5, atol=1e-6)
 
 
 class PaperTarget(torch.nn.Module):

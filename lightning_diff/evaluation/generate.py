@@ -9,16 +9,20 @@ import torch
 from rich.progress import Progress
 
 from ..module import SamplerSettings
+from ..sampling import PerSampleGenerator, initial_labels, initial_noise
 
 __all__ = ["generate"]
 
 
 def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0,
-             class_label: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+             class_label: int | None = None, progress: bool = True,
+             seed_protocol: str = "default") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Sample ``len(seeds)`` items with ``sampler`` (None: the module's own), ``sampler.batch_size`` per call.
 
     Sample i depends only on ``seeds[i]``, whatever the batch size. A conditional module gets label
-    ``class_label`` for every sample, or ``seed % num_classes`` when it is None.
+    ``class_label`` for every sample, or when it is None ``seed % num_classes`` (``seed_protocol="default"``) or
+    the label NVlabs/edm's generate.py draws from the seed (``"edm"``, ``sampling.noise``). A latent model
+    (``module.decoder`` set) is decoded to images in model space.
 
     Returns:
         ``(samples float [N, *data_shape] in model space, labels long [N] or None, stats)`` with
@@ -26,17 +30,61 @@ def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None,
     """
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler)
     seeds = list(seeds)
-    num_classes = module.num_classes if module.conditional else 0
-    labels = None
-    if num_classes:
-        labels = torch.tensor([class_label if class_label is not None else s % num_classes for s in seeds])
-    out, stats, start, size = [], {}, time.perf_counter(), sampler.batch_size
+    num_classes = _check_conditioning(module, guidance, class_label)
+    _check_decodable(module)
+    out, labels, stats, start, size = [], [], {}, time.perf_counter(), sampler.batch_size
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"sampling ({sampler.name}, {sampler.steps_for(module.formulation)} steps)",
                             total=len(seeds))
         for i in range(0, len(seeds), size):
-            batch_labels = None if labels is None else labels[i:i + size]
-            out.append(module.sample(seeds[i:i + size], labels=batch_labels, sampler=sampler, guidance=guidance,
-                                     stats=stats).cpu())
-            bar.advance(task, len(out[-1]))
+            batch = seeds[i:i + size]
+            batch_labels = _labels(module, batch, num_classes, class_label, seed_protocol)
+            samples = module.sample(batch, labels=batch_labels, sampler=sampler, guidance=guidance, stats=stats,
+                                    seed_protocol=seed_protocol)
+            if module.decoder is not None:
+                with torch.no_grad():
+                    samples = module.decoder(samples).float()
+            out.append(samples.cpu())
+            labels.append(batch_labels)
+            bar.advance(task, len(batch))
+    labels = torch.cat(labels).cpu() if num_classes else None
     return torch.cat(out), labels, {"nfe": stats.get("nfe"), "seconds": time.perf_counter() - start}
+
+
+def _check_conditioning(module, guidance: float, class_label: int | None) -> int:
+    """The number of classes the module samples with (0: unconditional); ValueError naming ``class_label=`` or
+    ``guidance=`` when the model cannot do what they ask."""
+    num_classes = module.num_classes if module.conditional else 0
+    if class_label is not None and not (isinstance(class_label, int) and 0 <= class_label < num_classes):
+        allowed = f"null or an integer in [0, {num_classes})" if num_classes else "null (the model is unconditional)"
+        raise ValueError(f"class_label={class_label!r} is invalid; allowed: {allowed}")
+    if guidance != 1 and (not num_classes or module.denoiser.null_label is None):
+        why = "is unconditional" if not num_classes else "has no null label (it was trained without label dropout)"
+        raise ValueError(f"guidance={guidance}: classifier-free guidance needs a conditional model with a null "
+                         f"label; this model {why}; allowed: guidance=1")
+    return num_classes
+
+
+def _check_decodable(module) -> None:
+    """ValueError naming the ``vae`` flag when a latent model (an image-shaped sample whose channels are not 1 or
+    3, e.g. DiT's ``[4, 32, 32]``) has no decoder: its samples cannot become images."""
+    shape = tuple(module.data_shape or ())
+    if module.decoder is None and len(shape) == 3 and shape[0] not in (1, 3):
+        raise ValueError(f"this model samples latents of shape {list(shape)} and has no decoder to turn them into "
+                         "images; load it with the autoencoder: +pretrained.vae=<diffusers AutoencoderKL folder or "
+                         "hf:// id> (Python: pretrained.load_pretrained(..., vae=...))")
+
+
+def _labels(module, seeds: list[int], num_classes: int, class_label: int | None,
+            seed_protocol: str) -> torch.Tensor | None:
+    """The labels of one batch: fixed, ``seed % num_classes``, or (``edm``) each seed's own draw, replayed here
+    exactly as ``module.sample`` draws it (start noise first, then the label)."""
+    if not num_classes:
+        return None
+    if class_label is not None:
+        return torch.full((len(seeds),), class_label, dtype=torch.long)
+    if seed_protocol == "edm":
+        generator = PerSampleGenerator(seeds, device=module.device, protocol="edm")
+        initial_noise(generator, module.data_shape, 1.0)
+        return initial_labels(generator, num_classes).cpu()
+    return torch.tensor([s % num_classes for s in seeds])

@@ -13,9 +13,12 @@ from ..data.transforms import to_uint8
 from ..metrics import (
     Extractors,
     ImageSource,
+    ReferenceStats,
     cache_reference,
     evaluate_generator,
     fid_helper_weights_path,
+    is_published_reference,
+    load_published_reference,
     protocol_record,
 )
 from ..metrics.extractor import INCEPTION_WEIGHTS_FILE
@@ -59,8 +62,10 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
                    sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, seed: int = 0,
                    seed_sets: int = 1, reference: str = "train", reference_num_images: int | None = None,
                    inception_weights="auto", batch_size: int = 64, cache_dir=None, options: dict | None = None,
-                   progress: bool = False, device=None) -> tuple[dict, dict]:
-    """FID/IS/KID/PR of ``module``'s samples against split ``reference`` of ``datamodule``.
+                   progress: bool = False, device=None, seed_protocol: str = "default") -> tuple[dict, dict]:
+    """FID/IS/KID/PR of ``module``'s samples against split ``reference`` of ``datamodule``, or against the
+    published statistics file ``reference`` (``*.npz``: NVlabs/edm fid-refs, guided-diffusion reference batches;
+    FID and IS only; ``datamodule`` may then be None and the images are rounded with ``module.data_transform``).
 
     Every rank calls it (collectives inside): each generates its block of the seeds
     ``seed + k * num_images + [0, num_images)`` with ``sampler`` and ``guidance``; the images are
@@ -73,6 +78,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
         batch_size: images per feature-extractor call (``metrics.batch_size``).
         options: per-metric options as in ``configs/metrics`` (``{"fid": {"method": ...}, "kid": {...}}``).
         inception_weights: ``"auto"`` (see :func:`default_inception_weights`), None or a path.
+        seed_protocol: how each seed draws its start noise and label (``evaluation.generate``).
     Returns:
         ``(results, protocol)``: metric name -> float (``fid``, ``is_mean``, ``is_std``, ``kid_mean``,
         ``kid_std``, ``precision``, ``recall``) and the JSON-ready protocol record.
@@ -86,12 +92,22 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
     _check_options(options)
     device = torch.device(device) if device is not None else module.device
     weights_arg = default_inception_weights(inception_weights, metrics)
-    transform = datamodule.transform
+    published = is_published_reference(reference)
+    if published and {"kid", "pr"} & set(metrics):
+        raise ValueError(f"metrics.reference={reference} holds published statistics (mu, sigma) only; "
+                         f"metrics={metrics}: allowed with a statistics file: fid, is (KID and precision/recall need "
+                         "reference images: use a split of data=<group>)")
+    if not published and datamodule is None:
+        raise ValueError(f"metrics.reference={reference}: a split needs a data module (data=<group>); or pass a "
+                         "published statistics file, metrics.reference=/path/to/fid-ref.npz")
+    transform = module.data_transform if published else datamodule.transform
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler).check(module.formulation)
     sampler_record = {**sampler.record(module.formulation), "guidance": guidance}
     with Progress(disable=not progress, transient=True) as bar:
         key, reference_cached = None, None
-        if {"fid", "kid", "pr"} & set(metrics):
+        if published and "fid" in metrics:
+            key, reference_cached = load_published_reference(reference), True
+        elif {"fid", "kid", "pr"} & set(metrics):
             dataset, split, count = split_view(datamodule, reference)
             limited = reference_num_images is not None and reference_num_images < count
             count = reference_num_images if limited else count
@@ -117,7 +133,8 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
         stats = {}
 
         def generate_uint8(seeds: list[int]) -> torch.Tensor:
-            samples, _, info = generate(module, seeds, sampler=sampler, guidance=guidance, progress=False)
+            samples, _, info = generate(module, seeds, sampler=sampler, guidance=guidance, progress=False,
+                                        seed_protocol=seed_protocol)
             stats["nfe"] = info["nfe"]
             bar.advance(task, len(seeds))
             return to_uint8(samples, transform)
@@ -132,10 +149,18 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
             pr_neighborhood=options.get("pr", {}).get("neighborhood", 3))
     results = {k: v for k, v in out.items() if k not in ("per_seed_set", "best_seed_set")}
     protocol = protocol_record(
-        num_images=num_images, reference=key or "none (IS only)", extractor=extractors.inception_id,
+        num_images=num_images, reference=_reference_record(key), extractor=extractors.inception_id,
         seeds=range(seed, seed + num_images), weights=weights,
         sampler=sampler_record,
         nfe=stats.get("nfe"), seed_sets=seed_sets, reference_cached=reference_cached, metrics=metrics,
-        metric_options=options, per_seed_set=out["per_seed_set"], best_seed_set=out["best_seed_set"])
+        metric_options=options, per_seed_set=out["per_seed_set"], best_seed_set=out["best_seed_set"],
+        seed_protocol=seed_protocol)
     return results, protocol
+
+
+def _reference_record(key) -> str | dict:
+    """The protocol's ``reference``: the cache key, the published file (path, SHA-256, layout) or IS only."""
+    if isinstance(key, ReferenceStats):
+        return {"published": key.meta["file"], "sha256": key.meta["sha256"], "layout": key.meta["layout"]}
+    return key or "none (IS only)"
 

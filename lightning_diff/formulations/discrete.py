@@ -1,7 +1,8 @@
 """Discrete-time families: the network knows a finite, decreasing grid of noise levels.
 
-- ``ddpm``: Ho et al. 2020 (T=1000, linear betas 1e-4..0.02) or the cosine schedule of Nichol &
-  Dhariwal 2021; epsilon-prediction, ``c_noise`` the 0-based timestep index of Ho et al.'s code.
+- ``ddpm``: Ho et al. 2020 (T=1000, linear betas 1e-4..0.02), the cosine schedule of Nichol &
+  Dhariwal 2021 or explicit betas; epsilon-, x0- or v-prediction, ``c_noise`` the 0-based timestep index of
+  Ho et al.'s code (times ``timestep_scale``).
 - ``iddpm``: EDM Table 1's "iDDPM" column (the u_j grid, C1, C2, j0; NVlabs/edm ``iDDPMPrecond``).
 - ``ncsn``: Song & Ermon 2019 / NCSNv2 (L geometric noise levels, ``s = F / sigma``).
 
@@ -20,6 +21,7 @@ from ..sampling.schedules import ddpm_sigmas, iddpm_sigmas
 from .base import Formulation, check_positive, check_range
 
 BETA_SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 class DiscreteFormulation(Formulation):
@@ -49,31 +51,51 @@ class DiscreteFormulation(Formulation):
 
 
 class DDPM(DiscreteFormulation):
-    """Ho et al. 2020. sigma_i = sqrt((1 - abar_i) / abar_i) for timestep index i = 0..T-1."""
+    """Ho et al. 2020. sigma_i = sqrt((1 - abar_i) / abar_i) for timestep index i = 0..T-1.
+
+    The network's target (``prediction``), in the DDPM frame ``x_t = sqrt(abar) y + sqrt(1 - abar) eps``
+    and in our sigma-frame ``x = x_t / sqrt(abar) = y + sigma eps`` (so ``sqrt(abar) = 1/sqrt(1 + sigma^2)``):
+
+    - ``eps`` (Ho et al. 2020, eq. 11): ``D = x - sigma F``; c_skip 1, c_out -sigma.
+    - ``x0`` (guided-diffusion ``predict_xstart``, diffusers ``"sample"``): ``D = F``; c_skip 0, c_out 1.
+    - ``v`` (Salimans & Ho 2022, sec. 4: ``v = sqrt(abar) eps - sqrt(1 - abar) y``, diffusers
+      ``"v_prediction"``): ``y = sqrt(abar) x_t - sqrt(1 - abar) v``, i.e.
+      ``D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) F``.
+
+    ``loss_weight`` makes ``lambda ||D - y||^2`` the source's own MSE on its target: 1/sigma^2 for eps,
+    1 for x0, (1 + sigma^2)/sigma^2 for v (= 1/c_out^2 in each case).
+    """
 
     name = "ddpm"
 
     def __init__(
         self,
-        num_timesteps: int = 1000,  # T.
+        num_timesteps: int = 1000,  # T; must equal len(betas) when betas are given.
         beta_schedule: str = "linear",  # 'linear' (Ho et al.) or 'cosine' (Nichol & Dhariwal 2021).
         beta_start: float = 1e-4,  # First beta of the linear schedule (scaled by 1000/T, as iDDPM does).
         beta_end: float = 0.02,  # Last beta of the linear schedule (scaled by 1000/T).
         cosine_s: float = 0.008,  # Offset s of the cosine schedule (Nichol & Dhariwal eq. 17).
         max_beta: float = 0.999,  # Clip of the cosine schedule's betas.
         spacing: str = "trailing",  # Sampling sub-sequence (schedules.ddpm_timesteps); trailing: Lin et al. 2024.
+        betas=None,  # Explicit T betas (a checkpoint's own, diffusers' trained_betas); replace the schedule.
+        prediction: str = "eps",  # The network's target: 'eps', 'x0' or 'v' (see the class docstring).
+        timestep_scale: float = 1.0,  # c_noise = timestep index * timestep_scale (iDDPM rescale_timesteps: 1000/T).
     ):
         setting = f"formulation={self.name}"
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
             raise ValueError(f"{setting}: num_timesteps={num_timesteps!r} is invalid; allowed: an integer >= 2")
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"{setting}: beta_schedule={beta_schedule!r} is not known; allowed: {BETA_SCHEDULES}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"{setting}: prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
         check_range(beta_start, beta_end, setting + " (betas)")
         check_positive("cosine_s", cosine_s, setting)
+        check_positive("timestep_scale", timestep_scale, setting)
         self.num_timesteps, self.beta_schedule = num_timesteps, beta_schedule
         self.beta_start, self.beta_end, self.cosine_s, self.max_beta = beta_start, beta_end, cosine_s, max_beta
-        self.spacing = spacing
-        self.betas = self._make_betas()
+        self.spacing, self.prediction, self.timestep_scale = spacing, prediction, timestep_scale
+        self._explicit_betas = betas is not None
+        self.betas = self._make_betas() if betas is None else _checked_betas(betas, num_timesteps, setting)
         if float(self.betas.max()) >= 1:
             raise ValueError(f"{setting}: the {beta_schedule} schedule with num_timesteps={num_timesteps} reaches "
                              f"beta={float(self.betas.max()):.4g} (linear betas are scaled by 1000/T); allowed: all "
@@ -93,7 +115,11 @@ class DDPM(DiscreteFormulation):
         return (1 - f[1:] / f[:-1]).clamp(max=self.max_beta)
 
     def config(self) -> dict:
-        return {k: v for k, v in super().config().items() if not isinstance(v, torch.Tensor)}
+        """The constants; ``betas`` as a list only when they were given explicitly (else the schedule's)."""
+        config = {k: v for k, v in super().config().items() if not isinstance(v, torch.Tensor)}
+        if self._explicit_betas:
+            config["betas"] = self.betas.tolist()
+        return config
 
     def timestep_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """0-based DDPM timestep index i of the grid level nearest to sigma (long tensor)."""
@@ -106,11 +132,29 @@ class DDPM(DiscreteFormulation):
     def s_deriv(self, t):
         return -t * (1 + t**2) ** -1.5
 
+    def c_skip(self, sigma):
+        if self.prediction == "eps":
+            return torch.ones_like(sigma)
+        if self.prediction == "x0":
+            return torch.zeros_like(sigma)
+        return 1 / (1 + sigma**2)  # v: sqrt(abar)^2 (Salimans & Ho 2022, sec. 4)
+
+    def c_out(self, sigma):
+        if self.prediction == "eps":
+            return -sigma
+        if self.prediction == "x0":
+            return torch.ones_like(sigma)
+        return -sigma * (1 + sigma**2).rsqrt()  # v: -sqrt(1 - abar)
+
     def c_in(self, sigma):
         return (1 + sigma**2).rsqrt()
 
     def c_noise(self, sigma):
-        return self.timestep_index(sigma).to(sigma.dtype)
+        return self.timestep_index(sigma).to(sigma.dtype) * self.timestep_scale
+
+    def loss_weight(self, sigma):
+        """1 / c_out^2: the source's MSE on its own target (eps: 1/sigma^2, x0: 1, v: (1 + sigma^2)/sigma^2)."""
+        return 1 / self.c_out(sigma) ** 2
 
     @property
     def max_sampling_steps(self) -> int:
@@ -121,6 +165,25 @@ class DDPM(DiscreteFormulation):
         """Strided DDPM/DDIM grid: the distinct timesteps of ``schedules.ddpm_timesteps`` as sigmas, then 0
         (``schedules.ddpm_sigmas``: warns when that is not ``num_steps`` steps)."""
         return ddpm_sigmas(self.grid.flip(0), num_steps, spacing or self.spacing).to(device)
+
+
+def _checked_betas(betas, num_timesteps: int, setting: str) -> torch.Tensor:
+    """Explicit betas as float64 ``[T]``; ``ValueError`` naming ``setting`` unless 1-D, T = num_timesteps >= 2
+    long, finite and each in (0, 1)."""
+    try:
+        values = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{setting}: betas={betas!r:.80} is invalid ({err}); allowed: a sequence of numbers") from None
+    if values.ndim != 1 or values.numel() < 2:
+        raise ValueError(f"{setting}: betas has shape {tuple(values.shape)}; allowed: a 1-D sequence of >= 2 numbers")
+    if values.numel() != num_timesteps:
+        raise ValueError(f"{setting}: betas has {values.numel()} entries but num_timesteps={num_timesteps}; "
+                         "allowed: num_timesteps = len(betas)")
+    bad = ~(torch.isfinite(values) & (values > 0) & (values < 1))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{setting}: betas[{i}]={float(values[i])!r} is invalid; allowed: every beta in (0, 1)")
+    return values
 
 
 class IDDPM(DiscreteFormulation):

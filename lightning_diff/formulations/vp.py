@@ -54,7 +54,9 @@ class VP(Formulation):
 
     def t_of_sigma(self, sigma):
         # EDM Table 1 footnote: sigma^-1(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d.
-        return self._t_of_B(torch.log1p(sigma**2))
+        # ln(1 + sigma^2) as NVlabs/edm's VPPrecond computes it, not log1p: in float32 the network input c_noise then
+        # equals the one EDM's VP nets were trained on (log1p's is 1% away at sigma = 0.002).
+        return self._t_of_B(torch.log(1 + sigma**2))
 
     def s(self, t):
         return (-0.5 * self._B(t)).exp()

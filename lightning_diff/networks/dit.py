@@ -1,16 +1,33 @@
 """DiT, the Diffusion Transformer of Peebles & Xie 2023 ("Scalable Diffusion Models with Transformers"):
 patchify, transformer blocks with adaLN-Zero conditioning (Sec. 3.2), linear decoder and unpatchify.
-Attention, MLP, patch embedding and the fixed 2-D sin-cos position embedding are timm's layers."""
+Attention, MLP and patch embedding are timm's layers; the fixed 2-D sin-cos position embedding is DiT's (MAE's)."""
 
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention, Mlp, PatchEmbed, build_sincos2d_pos_embed
+from timm.layers import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from .layers import LabelEmbedding, PositionalEmbedding, check_conditioning
 
 __all__ = ["DiT", "DiTBlock"]
+
+
+def sincos_2d_position_embedding(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed position embedding of a ``grid x grid`` patch grid, ``[grid * grid, dim]`` float32, patches
+    row-major: the first ``dim / 2`` channels encode the column, the last ``dim / 2`` the row, each as
+    ``[sin(pos w_k), cos(pos w_k)]`` with ``w_k = temperature^(-k / (dim / 4))``, k < dim / 4 (Vaswani et al.
+    2017, Sec. 3.5, per axis). This is the channel order of DiT's and MAE's ``get_2d_sincos_pos_embed``, which
+    released DiT weights were trained with; timm's ``build_sincos2d_pos_embed`` orders them differently."""
+    freqs = temperature ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")
+
+    def axis(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord.reshape(-1, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([axis(col), axis(row)], dim=1).float()
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,6 +79,7 @@ class DiT(nn.Module):
         resolution: int = 32,  # Input side (latent side 32 for 256px images).
         num_classes: int = 0,  # Class labels, 0 = unconditional.
         label_dropout: float = 0.0,  # Probability of the null label in training (DiT uses 0.1).
+        with_null_label: bool = True,  # A learned null label row (DiT has one when trained with label dropout).
         augment_dim: int = 0,  # Augmentation-label size (EDM non-leaky augmentation), 0 = none.
         patch_size: int = 2,  # Patch side p: T = (resolution / p)^2 tokens.
         hidden_size: int = 1152,  # Token width d.
@@ -80,12 +98,12 @@ class DiT(nn.Module):
         self.num_classes, self.augment_dim = num_classes, augment_dim
         self.x_embedder = PatchEmbed(resolution, patch_size, in_channels, hidden_size, bias=True)
         grid = resolution // patch_size
-        self.register_buffer("pos_embed", build_sincos2d_pos_embed([grid, grid], hidden_size)[None],
-                             persistent=False)
-        self.t_embedder = nn.Sequential(PositionalEmbedding(frequency_embedding_size, endpoint=False),
+        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid, hidden_size)[None], persistent=False)
+        self.t_embedder = nn.Sequential(PositionalEmbedding(frequency_embedding_size, endpoint=False, exp_form=True),
                                         nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                         nn.Linear(hidden_size, hidden_size))
-        self.y_embedder = LabelEmbedding(num_classes, hidden_size, label_dropout) if num_classes else None
+        self.y_embedder = (LabelEmbedding(num_classes, hidden_size, label_dropout, with_null=with_null_label)
+                           if num_classes else None)
         self.augment_embedder = (_zero(nn.Linear(augment_dim, hidden_size, bias=False)) if augment_dim
                                  else None)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))

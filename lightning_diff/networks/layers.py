@@ -18,13 +18,16 @@ class PositionalEmbedding(nn.Module):
 
     Frequencies ``(1/max_positions)^(k/(num_channels/2 - endpoint))``; maps ``[B]`` -> ``[B, num_channels]``.
     Works for every formulation's ``c_noise``: a 0..999 timestep, ``999 t``, ``ln(sigma)/4``.
+    ``exp_form=True`` evaluates the same frequencies as ``exp(-ln(max_positions) k/n)`` in float32, as GLIDE's,
+    ADM's and DiT's code do: an ulp apart from the power form (EDM's code), which shows at c_noise ~ 1000.
     """
 
-    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = True):
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = True, exp_form: bool = False):
         super().__init__()
         half = num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32) / (half - (1 if endpoint else 0))
-        self.register_buffer("freqs", (1 / max_positions) ** freqs, persistent=False)
+        k, n = torch.arange(half, dtype=torch.float32), half - (1 if endpoint else 0)
+        freqs = torch.exp(-math.log(max_positions) * k / n) if exp_form else (1 / max_positions) ** (k / n)
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().reshape(-1, 1) * self.freqs.reshape(1, -1)
@@ -93,17 +96,19 @@ class Resample(nn.Module):
     NCSN++ and StyleGAN2 (Song et al. 2021, App. H; Karras et al. 2020). The 2-D kernel is the outer
     product normalised to sum 1 (times 4 for up, so a constant image keeps its value). Hand-written:
     torch has no FIR resampler and the StyleGAN ``upfirdn2d`` op is not packaged for pip.
-    Maps ``[B, C, H, W]`` -> ``[B, C, 2H, 2W]`` (up) or ``[B, C, H/2, W/2]`` (down).
+    Maps ``[B, C, H, W]`` -> ``[B, C, 2H, 2W]`` (up) or ``[B, C, H/2, W/2]`` (down) with the default
+    ``padding``; ``padding=0`` down-samples without zero padding, ``[B, C, H, W] -> [B, C, (H - taps)/2 + 1, ...]``
+    (EDM's fused conv + down-sampling pads the convolution instead).
     """
 
-    def __init__(self, mode: str, filter: tuple[float, ...] = (1, 1)):
+    def __init__(self, mode: str, filter: tuple[float, ...] = (1, 1), padding: int | None = None):
         super().__init__()
         if mode not in ("up", "down"):
             raise ValueError(f"Resample mode={mode!r} is invalid; allowed: 'up', 'down'")
         if len(filter) % 2:
             raise ValueError(f"resample_filter={tuple(filter)} is invalid; allowed: an even number of taps")
         f = torch.tensor([float(tap) for tap in filter])
-        self.mode, self.pad = mode, (len(filter) - 1) // 2
+        self.mode, self.pad = mode, (len(filter) - 1) // 2 if padding is None else padding
         self.register_buffer("kernel", (f.outer(f) / f.sum() ** 2)[None, None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -94,11 +94,12 @@ class SongUNet(nn.Module):
                 if encoder_type == "skip":  # Input pyramid: downsampled image, 1x1 conv, added.
                     stage["aux_down"] = Resample("down", resample_filter)
                     stage["aux_skip"] = nn.Conv2d(caux, c, 1)
-                # NCSN++ input residual: 3x3 conv, downsample, averaged in (EDM fuses the two with one extra
-                # pixel of padding: same parameters, slightly different border handling).
+                # NCSN++ input residual: 3x3 conv, downsample, averaged in. As EDM's fused conv + downsample
+                # (``fused_resample``): the conv pads by 1 + the filter's padding, the FIR pads by nothing.
                 if encoder_type == "residual":
-                    stage["aux_residual"] = nn.Sequential(nn.Conv2d(caux, c, 3, padding=1),
-                                                          Resample("down", resample_filter))
+                    filter_pad = (len(resample_filter) - 1) // 2
+                    stage["aux_residual"] = nn.Sequential(nn.Conv2d(caux, c, 3, padding=1 + filter_pad),
+                                                          Resample("down", resample_filter, padding=0))
                     caux = c
                 skips.append(c)
             stage["blocks"] = nn.ModuleList()

@@ -22,17 +22,22 @@ class SelfAttention2d(nn.Module):
     """Multi-head self-attention over the pixels of ``[B, C, H, W]`` (GroupNorm, then timm's
     ``Attention`` on the ``H*W`` tokens); returns only the update, the caller adds the residual."""
 
-    def __init__(self, channels: int, num_heads: int, eps: float = 1e-5):
+    def __init__(self, channels: int, num_heads: int, eps: float = 1e-5, norm_groups: int | None = None):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention: channels={channels} is not divisible by num_heads={num_heads}")
-        self.norm = group_norm(channels, eps)
+        self.norm = _group_norm(channels, eps, norm_groups)
         self.attn = Attention(channels, num_heads=num_heads, qkv_bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, H*W, C]
         return self.attn(tokens).transpose(1, 2).reshape(B, C, H, W)
+
+
+def _group_norm(channels: int, eps: float, groups: int | None) -> nn.GroupNorm:
+    """GroupNorm with exactly ``groups`` groups (ADM's GroupNorm32: 32), or EDM's rule (``group_norm``) for None."""
+    return group_norm(channels, eps) if groups is None else nn.GroupNorm(groups, channels, eps=eps)
 
 
 def _resample(up: bool, down: bool, filter: tuple[float, ...]) -> nn.Module:
@@ -64,21 +69,22 @@ class UNetBlock(nn.Module):
         resample_filter: tuple[float, ...] = (1, 1),  # FIR taps of the up/down-sampling.
         resample_proj: bool = False,  # 1x1 conv on a resampled skip even when channels match (DDPM++).
         adaptive_scale: bool = True,  # Embedding as scale and shift (ADM) instead of a bias (DDPM++).
+        norm_groups: int | None = None,  # GroupNorm groups; None: min(32, C // 4) (EDM), 32: ADM's GroupNorm32.
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.adaptive_scale, self.skip_scale = adaptive_scale, skip_scale
-        self.norm0 = group_norm(in_channels, eps)
+        self.norm0 = _group_norm(in_channels, eps, norm_groups)
         self.resample = _resample(up, down, resample_filter)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.affine = nn.Linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
-        self.norm1 = group_norm(out_channels, eps)
+        self.norm1 = _group_norm(out_channels, eps, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         project = out_channels != in_channels or (resample_proj and (up or down))
         self.skip = nn.Sequential(_resample(up, down, resample_filter),
                                   nn.Conv2d(in_channels, out_channels, 1) if project else nn.Identity())
-        self.attn = SelfAttention2d(out_channels, num_heads, eps) if attention else None
+        self.attn = SelfAttention2d(out_channels, num_heads, eps, norm_groups) if attention else None
 
     def zero_init_layers(self) -> list[nn.Module]:
         """The layers that end a residual branch (initialised to (near) zero by the papers)."""

@@ -33,13 +33,13 @@ from .dpm_solver import dpmpp_2m
 from .edm import ablation, euler, heun
 from .guidance import CFGDenoiser, ClassifierGuidance
 from .langevin import annealed_langevin
-from .noise import PerSampleGenerator, initial_noise, randn_like
+from .noise import SEED_PROTOCOLS, PerSampleGenerator, initial_labels, initial_noise, randn_like
 from .sde import euler_maruyama, pc
 
 __all__ = [
     "SAMPLERS", "sample", "names", "euler", "heun", "ablation", "ddim", "ddpm", "euler_maruyama", "pc",
     "annealed_langevin", "dpmpp_2m", "rk45", "CFGDenoiser", "ClassifierGuidance", "PerSampleGenerator",
-    "randn_like", "initial_noise", "schedules",
+    "randn_like", "initial_noise", "initial_labels", "SEED_PROTOCOLS", "schedules",
 ]
 
 SAMPLERS = {fn.__name__: fn for fn in (euler, heun, ablation, ddim, ddpm, euler_maruyama, pc,

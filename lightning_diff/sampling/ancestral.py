@@ -12,12 +12,13 @@ import math
 
 import torch
 
+from .. import analytic_dpm
 from .core import Evaluator, check_choice, check_grid, to_dtype
 from .noise import randn_like
 
 __all__ = ["ddim", "ddpm", "DDPM_VARIANCES"]
 
-DDPM_VARIANCES = ("fixed_small", "fixed_large")
+DDPM_VARIANCES = ("fixed_small", "fixed_large", "analytic")
 
 
 def _denoise(evaluate: Evaluator, state, sigma, clip_denoised: bool):
@@ -60,8 +61,8 @@ def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, 
     return state.to(x.dtype)
 
 
-def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", clip_denoised: bool = False, generator=None,
-         callback=None, stats=None, cond: dict | None = None,
+def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analytic_dpm.ScoreMoments | None = None,
+         clip_denoised: bool = False, generator=None, callback=None, stats=None, cond: dict | None = None,
          dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2 written with the posterior of eq. 6-7); NFE = N.
 
@@ -70,8 +71,11 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", clip_denoised: b
     (1 - abar_{t-1}) / (1 - abar_t) x_t`` (eq. 7) and no noise on the last step.
 
     Args:
-        variance: ``fixed_small`` (posterior beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t) or
-            ``fixed_large`` (beta_t); Ho et al. Sec. 3.2.
+        variance: ``fixed_small`` (posterior beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t),
+            ``fixed_large`` (beta_t; Ho et al. Sec. 3.2) or ``analytic`` (Bao et al. 2022 Thm 1, clipped to Thm 2's
+            bounds: ``analytic_dpm.optimal_variances``; needs ``moments``).
+        moments: the score moments of this denoiser at every level of the grid (``analytic_dpm.estimate_moments``
+            on training data; ``lightning-diff sample`` estimates and caches them); only with ``analytic``.
         clip_denoised: clamp x0_hat to [-1, 1] (Ho et al.'s and improved-diffusion's ``clip_denoised``);
             off by default here so that non-image data are not clipped.
         Others as in ``euler``.
@@ -80,6 +84,7 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", clip_denoised: b
     """
     grid = check_grid(sigmas, x, "ddpm", denoiser)
     check_choice("ddpm", "variance", variance, DDPM_VARIANCES)
+    analytic = _analytic_variances(grid, variance, moments)
     evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
     state = to_dtype(x, dtype)
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
@@ -93,7 +98,24 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", clip_denoised: b
                 + math.sqrt(alpha) * (1 - abar_prev) / (1 - abar) * x_t)  # Ho et al. eq. 7
         x_prev = mean
         if sigma_next > 0:
-            var = (1 - abar_prev) / (1 - abar) * beta if variance == "fixed_small" else beta
+            small = (1 - abar_prev) / (1 - abar) * beta
+            var = analytic[i] if analytic is not None else (small if variance == "fixed_small" else beta)
             x_prev = mean + math.sqrt(var) * randn_like(mean, generator)
         state = x_prev / math.sqrt(abar_prev)
     return state.to(x.dtype)
+
+
+def _analytic_variances(grid: list[float], variance: str, moments) -> list[float] | None:
+    """Bao et al.'s optimal variance of each step of ``grid`` when ``variance == "analytic"`` (else None);
+    ValueError naming the setting when ``moments`` is missing, of the wrong type or given without ``analytic``."""
+    if variance != "analytic":
+        if moments is not None:
+            raise ValueError(f"sampler=ddpm: moments are only read with variance='analytic', got "
+                             f"variance={variance!r}; allowed: variance=analytic, or moments=None")
+        return None
+    if not isinstance(moments, analytic_dpm.ScoreMoments):
+        raise ValueError(f"sampler=ddpm: variance='analytic' needs moments=analytic_dpm.ScoreMoments (the score "
+                         f"moments of this model on the grid), got {type(moments).__name__}; allowed: "
+                         "analytic_dpm.estimate_moments on the training data (lightning-diff sample estimates "
+                         "them, settings analytic_dpm.*)")
+    return analytic_dpm.optimal_variances(torch.tensor(grid, dtype=torch.float64), moments).tolist()
