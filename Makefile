@@ -3,7 +3,7 @@ PY        := .venv/bin/python
 STAMP     := .venv/.installed
 PYTEST    := $(PY) -m pytest
 
-.PHONY: install demo test test-slow lint benchmarks clean
+.PHONY: install demo test test-slow lint benchmarks bench clean browser
 
 install: $(STAMP)
 
@@ -24,8 +24,17 @@ demo: install
 test: install
 	$(PYTEST) -m "not slow" -q
 
-test-slow: install
+# Headless Chromium (Debian package) for the leaderboard page test; best effort: the test skips without it.
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || true; }
+
+test-slow: install browser
 	$(PYTEST) -m slow -q
+
+# Performance ratios against the reference tools (issue 14), one table; benchmarks/README.md records a run.
+bench: install
+	OMP_NUM_THREADS=1 $(PY) benchmarks/run_all.py
 
 lint: install
 	$(PY) -m ruff check lightning_diff tests benchmarks experiments

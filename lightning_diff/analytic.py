@@ -66,6 +66,12 @@ class GaussianMixture:
         log_joint, _ = self._component_log_probs(x, sigma)
         return torch.logsumexp(log_joint, dim=1)
 
+    def class_posterior(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The exact noisy-class posterior ``p(k | x; sigma)`` ``[B, K]`` (float64): the responsibilities of the
+        components under ``p(x; sigma)``, the ideal classifier of classifier guidance (Dhariwal & Nichol 2021)."""
+        log_joint, _ = self._component_log_probs(x, sigma)
+        return torch.softmax(log_joint, dim=1)
+
     def denoise(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """The ideal denoiser ``E[y | y + sigma n = x]``; ``[B, *shape]`` in x's dtype. Usable as a
         sampler's ``denoiser(x, sigma)``."""

@@ -16,7 +16,8 @@ and ``sigma^2 (1 - m)`` the average posterior variance ``E Var[y | x] / d`` of t
 Theorem 2 bounds it: ``lambda_n^2 <= sigma*_n^2 <= lambda_n^2 + coef_x0^2 sigma^2`` (0 <= m <= 1), and for data
 in ``[a, b]^d`` also ``sigma*_n^2 <= lambda_n^2 + coef_x0^2 ((b - a) / 2)^2``; the estimate is clipped to them.
 
-Extended-Analytic-DPM (Bao et al. ICML 2022, imperfect means / diagonal covariances) is not implemented.
+Extended-Analytic-DPM (Bao et al. ICML 2022, imperfect means, per-element variances from a second head):
+``extended_analytic_dpm``.
 """
 
 from __future__ import annotations

@@ -132,6 +132,8 @@ def load_module(ckpt_path: str, weights: str = "ema", map_location="cpu",
     module = make_module(network=network, formulation=hydra.utils.instantiate(cfg.formulation), data_shape=shape,
                          num_classes=num_classes, run_config=run_config,
                          data_transform=None if transform is None else DataTransform(**transform))
+    if "distillation" in checkpoint:  # a student of lightning-diff distill: the levels it was distilled for
+        module.grid = torch.tensor(checkpoint["distillation"]["sigmas"], dtype=torch.float64)
     return module.load_weights(checkpoint, weights).eval()
 
 

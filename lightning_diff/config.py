@@ -31,7 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 __all__ = ["CONFIG_DIR", "compose", "register_resolvers", "wandb_offline", "group_options", "world_size",
-           "split_global_batch", "check_global_batch", "apply_smoke"]
+           "split_global_batch", "check_global_batch", "apply_smoke", "smoke_alias"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -149,6 +149,12 @@ def apply_smoke(cfg: DictConfig) -> dict:
     return changed
 
 
+def smoke_alias(overrides: Sequence[str]) -> list[str]:
+    """``+smoke=true`` (issue 12's spelling) as ``+smoke=cpu``: Hydra parses ``true`` as a boolean, which cannot
+    name a config of the group ``configs/smoke``; every entry point passes its overrides through here."""
+    return ["+smoke=cpu" if o.lower() in ("+smoke=true", "smoke=true") else o for o in overrides]
+
+
 def register_resolvers() -> None:
     """Register the resolvers the configs use (idempotent)."""
     if not OmegaConf.has_resolver("wandb_offline"):
@@ -176,7 +182,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose_config(config_name, overrides=list(overrides), return_hydra_config=True)
+        cfg = compose_config(config_name, overrides=smoke_alias(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

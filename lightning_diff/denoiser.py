@@ -31,9 +31,10 @@ class Denoiser(nn.Module):
             variance head): the first ``C`` channels are the prediction.
         formulation: the family that sets the preconditioning, p(sigma) and lambda(sigma).
         variance_trained: True only when the training loss fits the extra channels as iDDPM's variance
-            interpolation (Nichol & Dhariwal 2021, eq. 15 and L_hybrid). The loss here reads the first C
-            channels only, so it is False for every model trained today and ``vlb variance=learned``
-            refuses such a model.
+            interpolation (Nichol & Dhariwal 2021, eq. 15): ``objective=hybrid`` or ``vlb``
+            (``lightning_diff.objectives``; ``DiffusionModule`` sets it from the objective). ``Denoiser.loss``
+            reads the first C channels only; ``forward_with_variance`` (learned-variance sampling and VLB)
+            refuses a model without it.
         float32_preconditioning: run the preconditioning and the output in float32 even for float64 inputs,
             as NVlabs/edm's preconditioners do (``x.to(torch.float32)``); set by the importer of EDM pickles so
             that our sampler reproduces EDM's images. False: float64 inputs stay float64.
@@ -90,13 +91,33 @@ class Denoiser(nn.Module):
         Returns:
             ``[B, C, ...]`` in float32 (float64 when x is float64).
         """
+        return self._evaluate(x, sigma, labels, cond)[0]
+
+    def forward_with_variance(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
+                              **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D, v)`` from one backbone call: ``D`` as ``forward``, ``v`` ``[B, C, ...]`` the extra C channels of
+        a learned-variance head (iDDPM eq. 15 reads ``(v + 1) / 2`` as the interpolation between log beta~_t and
+        log beta_t), same dtype as D. ValueError unless ``variance_trained`` and the backbone gives 2C channels."""
+        if not self.variance_trained:
+            raise ValueError("variance='learned': this model's extra output channels were never trained as a "
+                             "variance (Denoiser.variance_trained=False: its loss read the first C channels "
+                             "only); allowed: a model trained with objective=hybrid or vlb, or a released one "
+                             "with learn_sigma")
+        D, extra = self._evaluate(x, sigma, labels, cond)
+        if extra.shape[1] != x.shape[1]:
+            raise ValueError(f"variance='learned': the backbone gives {x.shape[1] + extra.shape[1]} channels for "
+                             f"{x.shape[1]}-channel data; allowed: 2 x {x.shape[1]} (prediction and variance, "
+                             f"network.out_channels={2 * x.shape[1]})")
+        return D, extra.to(D.dtype)
+
+    def _evaluate(self, x: torch.Tensor, sigma, labels, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D, extra)``: the denoised estimate and the backbone's channels beyond the first C (maybe none)."""
         dtype = torch.float64 if x.dtype == torch.float64 and not self.float32_preconditioning else torch.float32
         x = x.to(dtype)
         _, c_skip, c_out, c_in, c_noise = self.precondition(x, sigma)
         F = self.backbone((c_in * x).to(self._backbone_dtype(x)), c_noise, labels, **cond)
-        F = F[:, : x.shape[1]]
         with torch.autocast(x.device.type, enabled=False):
-            return c_skip * x + c_out * F.to(dtype)
+            return c_skip * x + c_out * F[:, : x.shape[1]].to(dtype), F[:, x.shape[1]:]
 
     def loss(self, y: torch.Tensor, labels: torch.Tensor | None = None, *, sigma: torch.Tensor | None = None,
              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,

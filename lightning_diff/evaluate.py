@@ -11,10 +11,14 @@ protocol) and prints a one-line summary. The work is done by ``lightning_diff.ev
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .builders import build_datamodule, load_module, pretrained_flags, resolve_device
+from .checkpoint_io import load_checkpoint
 from .config import CONFIG_DIR
 from .evaluation import (
     LIKELIHOOD_METRICS,
@@ -25,8 +29,8 @@ from .evaluation import (
     split_bits_per_dim,
     split_vlb,
     summary_line,
-    write_record,
 )
+from .evaluation.records import make_record, rerun_command, run_description, write_record
 from .metrics import is_published_reference
 from .module import SamplerSettings
 
@@ -35,7 +39,9 @@ __all__ = ["evaluate", "main"]
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation ``cfg`` (``configs/evaluate.yaml``) and write its JSON; returns the record
-    ``{"checkpoint", "metrics", "protocol", "config", "path"}``."""
+    ``{"record_version", "kind", "run", "checkpoint", "metrics", "uncertainty", "protocol", "provenance", "config",
+    "path"}`` (``lightning_diff.evaluation.records``)."""
+    started = time.perf_counter()
     names = selected_metrics(cfg.metrics)
     module = load_module(cfg.ckpt, weights=cfg.weights, pretrained=pretrained_flags(cfg.get("pretrained")))
     module = module.to(resolve_device(cfg.device))
@@ -52,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
             guidance=cfg.guidance, seed=cfg.seed, seed_protocol=cfg.seed_protocol, seed_sets=m.seed_sets,
             reference=m.reference,
             reference_num_images=m.reference_num_images, inception_weights=m.inception_weights,
-            batch_size=m.batch_size, cache_dir=m.cache_dir,
+            batch_size=m.batch_size, cache_dir=m.cache_dir, feature_extractor=m.get("feature_extractor"),
             options={k: v for k, v in options.items() if k in SAMPLE_METRICS}, progress=cfg.progress)
         results.update(values)
     if "bpd" in names:
@@ -66,7 +72,11 @@ def evaluate(cfg: DictConfig) -> dict:
     if released is not None:
         protocol["pretrained"] = released
     checkpoint = cfg.ckpt if released is None else released["file"]  # a URL's record goes beside its cached file
-    return write_record(checkpoint, results, protocol, OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+    step = None if released is not None else load_checkpoint(cfg.ckpt, mmap=True).get("global_step")
+    record = make_record(results, protocol, OmegaConf.to_container(cfg, resolve=True), kind="evaluate",
+                         run=run_description(checkpoint, module.run_config, step), command=rerun_command("evaluate"),
+                         wall_time_s=time.perf_counter() - started, cache_dir=cfg.metrics.cache_dir)
+    return write_record(Path(checkpoint).resolve().parent, record, name=cfg.name)
 
 
 def _datamodule(cfg: DictConfig, module, names: list[str]):

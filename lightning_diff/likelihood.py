@@ -22,6 +22,7 @@ __all__ = [
     "bits_per_dim",
     "ode_bits_per_dim",
     "vlb_bits_per_dim",
+    "posterior_chain",
     "DIVERGENCES",
     "PROBES",
     "VARIANCES",
@@ -250,7 +251,7 @@ def _discretized_gaussian_log_likelihood(
 
 def _require_trained_variance(denoiser) -> None:
     """ValueError unless ``denoiser`` is a :class:`Denoiser` whose extra output channels were trained as
-    iDDPM's variance (``variance_trained``); the loss here trains the first C channels only."""
+    iDDPM's variance (``variance_trained``: objective=hybrid or vlb, or a released learn_sigma model)."""
     if not isinstance(denoiser, Denoiser):
         raise ValueError(
             "likelihood.variance='learned' needs a lightning_diff Denoiser (its backbone's extra "
@@ -259,26 +260,18 @@ def _require_trained_variance(denoiser) -> None:
     if not denoiser.variance_trained:
         raise ValueError(
             "likelihood.variance='learned': this model's extra output channels were never trained (its loss "
-            "uses the first C channels only; Denoiser.variance_trained=False), so they hold no variance; "
-            "allowed: fixed_small, fixed_large"
+            "used the first C channels only; Denoiser.variance_trained=False), so they hold no variance; "
+            "allowed: fixed_small, fixed_large (or a model trained with objective=hybrid or vlb)"
         )
 
 
-def _prediction(denoiser, x_sigma, sigma, labels, learned: bool, channels: int):
+def _prediction(denoiser, x_sigma, sigma, labels, learned: bool):
     """``(D(x; sigma), v or None)``: the learned-variance channels ``v`` come from the same backbone call
-    (iDDPM's 2C-channel output; needs a :class:`Denoiser`)."""
+    (``Denoiser.forward_with_variance``: iDDPM's 2C-channel output)."""
+    cond = {} if labels is None else {"labels": labels}
     if not learned:
-        return denoiser(x_sigma, sigma, **({} if labels is None else {"labels": labels})), None
-    _, c_skip, c_out, c_in, c_noise = denoiser.precondition(x_sigma, sigma)
-    out = denoiser.backbone((c_in * x_sigma).to(denoiser._backbone_dtype(x_sigma)), c_noise, labels).to(
-        x_sigma.dtype
-    )
-    if out.shape[1] != 2 * channels:
-        raise ValueError(
-            f"likelihood.variance='learned': the backbone gives {out.shape[1]} channels; "
-            f"allowed: 2 x {channels} (prediction and variance)"
-        )
-    return c_skip * x_sigma + c_out * out[:, :channels], out[:, channels:]
+        return denoiser(x_sigma, sigma, **cond), None
+    return denoiser.forward_with_variance(x_sigma, sigma, **cond)
 
 
 @torch.no_grad()
@@ -336,20 +329,16 @@ def vlb_bits_per_dim(
     device = x_int.device
     timesteps, betas, abar = _chain(formulation, steps)
     betas, abar = betas.to(device), abar.to(device)
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     T = betas.numel()
-    post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t (Ho et al. eq. 7)
-    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # clipped at t = 0, as iDDPM
-    large_logvar = torch.log(torch.cat([post_var[1:2], betas[1:]]))
-    coef_x0 = betas * abar_prev.sqrt() / (1 - abar)
-    coef_xt = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+    post_logvar, coef_x0, coef_xt = posterior_chain(abar)
+    large_logvar = torch.cat([post_logvar[:1], betas[1:].log()])
     if variance == "analytic":  # the steps t -> t-1, largest t first, as the sampler's grid
         chain_sigmas = torch.cat([((1 - abar) / abar).sqrt().flip(0), abar.new_zeros(1)])
         analytic_logvar = analytic_dpm.optimal_variances(chain_sigmas.cpu(), moments).flip(0).to(device).log()
 
     x0 = scale * x_int.to(torch.float64) + offset
     low, high, half_width = offset, scale * 255 + offset, scale / 2
-    B, C = x0.shape[:2]
+    B = x0.shape[0]
     d = x0[0].numel()
     terms = torch.zeros(T, B, dtype=torch.float64, device=device)
     for t in range(T):
@@ -361,7 +350,7 @@ def vlb_bits_per_dim(
         ).to(device)
         x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise
         sigma_t = ((1 - abar[t]) / abar[t]).sqrt().expand(B)
-        pred_x0, v = _prediction(denoiser, x_t / abar[t].sqrt(), sigma_t, labels, variance == "learned", C)
+        pred_x0, v = _prediction(denoiser, x_t / abar[t].sqrt(), sigma_t, labels, variance == "learned")
         pred_x0 = pred_x0.to(torch.float64)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(low, high)
@@ -387,6 +376,19 @@ def vlb_bits_per_dim(
     )
     prior_bpd = prior.flatten(1).sum(1) / (d * math.log(2))
     return terms.sum(0) + prior_bpd, {"prior_bpd": prior_bpd, "terms_bpd": terms, "nfe": T, "timesteps": timesteps}
+
+
+def posterior_chain(abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The posterior ``q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, e^logvar)`` of the chain with
+    cumulative products ``abar [K]`` (increasing t, float64; ``beta_t = 1 - abar_t / abar_{t-1}``, abar_{-1} = 1:
+    a strided chain's re-derived betas), Ho et al. 2020 eq. 6-7. Returns ``(logvar, coef_x0, coef_xt)`` ``[K]``,
+    ``logvar = log beta~_t`` clipped at t = 0 to ``log beta~_1`` (beta~_0 = 0; iDDPM's
+    ``posterior_log_variance_clipped``, also the lower end of its learned range, eq. 15)."""
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t (Ho et al. eq. 7)
+    logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    return logvar, betas * abar_prev.sqrt() / (1 - abar), (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
 
 
 def _chain(formulation, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

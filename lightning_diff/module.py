@@ -149,6 +149,14 @@ class _GaussianDataDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         return x * (self.sigma_data**2 / (self.sigma_data**2 + sigma**2)).reshape(-1, 1)
 
+    def forward_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, **cond):
+        """``(D, v = 0)`` for ``ddpm variance=learned``: v = 0 is the midpoint of iDDPM's range (eq. 15)."""
+        return self(x, sigma), torch.zeros_like(x)
+
+    def forward_with_moment(self, x: torch.Tensor, sigma: torch.Tensor, **cond):
+        """``(D, 0)`` for ``ddpm variance=sn/npr``: a zero second-moment head gives beta~ (extended_analytic_dpm)."""
+        return self(x, sigma), torch.zeros_like(x)
+
 
 class DiffusionModule(pl.LightningModule):
     """Trains ``Denoiser(network, formulation)``.
@@ -165,6 +173,8 @@ class DiffusionModule(pl.LightningModule):
             deterministic Heun on the formulation's default grid, 18 steps = 35 network evaluations). Checked
             against the formulation here, so that a step count it cannot do fails before training.
         channels_last: store image backbones in channels_last memory format (faster convolutions).
+        compile: ``torch.compile`` the backbone in place (state-dict keys unchanged): False (default), True
+            (graph breaks allowed) or ``"fullgraph"``; speed-up and compile time in benchmarks/README.md.
         max_nonfinite_steps: optimizer steps in a row with non-finite gradients after which training
             stops with an error (each one is skipped, counted in ``nonfinite_steps`` and logged).
         data_shape: shape of one sample, e.g. ``(C, H, W)`` or ``(D,)`` (stored in checkpoints; ``sample()``
@@ -181,7 +191,9 @@ class DiffusionModule(pl.LightningModule):
         decoder: latent models only: maps ``[B, *data_shape]`` latents to images in model space
             (``Pretrained.decoder``); ``evaluation.generate`` decodes its samples through it.
         objective: the training loss, ``objective(denoiser, y, labels, **cond) -> (loss [B], sigma [B])``
-            (``lightning_diff.objectives``, ``configs/objective``); None: ``dsm``, ``Denoiser.loss``. Validation
+            (``lightning_diff.objectives``, ``configs/objective``); None: ``dsm``, ``Denoiser.loss``. Its
+            ``prepare(formulation, data_transform)`` runs here; ``hybrid``/``vlb`` (``trains_variance``) make the
+            Denoiser ``variance_trained`` (load_module rebuilds it with the same objective). Validation
             reports the denoising loss whatever the objective (it runs without gradients, which ssm/ism need;
             dsm = explicit score matching + a constant).
 
@@ -199,6 +211,7 @@ class DiffusionModule(pl.LightningModule):
         val_buckets: int = 6,
         sampler: SamplerSettings | Mapping | None = None,
         channels_last: bool = False,
+        compile: bool | str = False,
         max_nonfinite_steps: int = 20,  # fp16 loss scaling recovers from an overflow in a few steps
         data_shape: Sequence[int] | None = None,
         num_classes: int = 0,
@@ -214,7 +227,9 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"val_buckets={val_buckets} is invalid; allowed: an integer >= 1")
         if denoiser is not None and (network is not None or formulation is not None):
             raise ValueError("DiffusionModule: pass either denoiser= or network= and formulation=, not both")
-        self.denoiser = denoiser if denoiser is not None else Denoiser(network, formulation)
+        objective = DenoisingScoreMatching() if objective is None else objective
+        trains_variance = getattr(objective, "trains_variance", False)  # hybrid, vlb: iDDPM's variance head
+        self.denoiser = denoiser if denoiser is not None else Denoiser(network, formulation, trains_variance)
         self.decoder = decoder
         formulation = self.formulation
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -223,11 +238,18 @@ class DiffusionModule(pl.LightningModule):
         self.data_shape = None if data_shape is None else tuple(data_shape)
         self.num_classes, self.data_transform, self.run_config = num_classes, data_transform, run_config
         self.weights = "raw" if denoiser is None else "released"
+        self.grid = None  # a fixed sampling grid (a distilled student's levels, set by builders.load_module)
         self.augment_pipe = augment_pipe
-        self.objective = DenoisingScoreMatching() if objective is None else objective
+        self.objective = objective
+        if hasattr(objective, "prepare"):  # checks it against the formulation, sizes its state (checkpoints)
+            objective.prepare(formulation, data_transform)
         self.channels_last = channels_last
         if channels_last:
             self.denoiser.backbone.to(memory_format=torch.channels_last)
+        if compile not in (False, True, "fullgraph"):
+            raise ValueError(f"module.compile={compile!r} is invalid; allowed: false, true, 'fullgraph'")
+        if compile:  # compiled at the first forward pass (tens of seconds on CPU)
+            self.denoiser.backbone.compile(fullgraph=compile == "fullgraph")
         edges = torch.logspace(math.log10(formulation.sigma_min), math.log10(formulation.sigma_max), val_buckets + 1)
         self.register_buffer("bucket_edges", edges, persistent=False)
         self.val_loss = MeanMetric()
@@ -244,27 +266,29 @@ class DiffusionModule(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------------
     def _split(self, batch):
-        x, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        """``(x, labels, pairs)`` of a batch ``x``, ``(x, labels)`` or ``(x, labels, pairs)``; ``pairs`` is a dict of
+        per-sample tensors the objective takes as keywords (reflow's coupled ``noise``, ``lightning_diff.reflow``)."""
+        x, labels, pairs = (*batch, {})[:3] if isinstance(batch, (tuple, list)) else (batch, None, {})
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, (labels if self.conditional else None)
+        return x, (labels if self.conditional else None), pairs
 
     def training_step(self, batch, batch_idx):
-        x, labels = self._split(batch)
+        x, labels, pairs = self._split(batch)
         cond = {}
         if self.augment_pipe is not None:
             x, cond["augment_labels"] = self.augment_pipe(x)
-        loss, _ = self.objective(self.denoiser, x, labels, **cond)
+        loss, _ = self.objective(self.denoiser, x, labels, **pairs, **cond)
         loss = loss.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
     # --- validation: the same loss on a fixed draw of sigma and noise, per sigma bucket -------------------
     def validation_step(self, batch, batch_idx):
-        x, labels = self._split(batch)
+        x, labels, pairs = self._split(batch)
         gen = torch.Generator(device=x.device).manual_seed(10_000 + batch_idx)
         sigma = self.formulation.sample_training_sigma((x.shape[0],), generator=gen, device=x.device)
-        noise = torch.randn(x.shape, generator=gen, device=x.device)
+        noise = pairs["noise"] if "noise" in pairs else torch.randn(x.shape, generator=gen, device=x.device)
         loss, sigma = self.denoiser.loss(x, labels, sigma=sigma, noise=noise)
         self.val_loss.update(loss)
         bucket = (torch.bucketize(sigma, self.bucket_edges) - 1).clamp(0, len(self.val_bucket_loss) - 1)
@@ -318,7 +342,8 @@ class DiffusionModule(pl.LightningModule):
     def sample(self, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
                sampler: SamplerSettings | Mapping | None = None, sigmas: torch.Tensor | None = None,
                data_shape: Sequence[int] | None = None, guidance: float = 1.0,
-               stats: dict | None = None, seed_protocol: str = "default") -> torch.Tensor:
+               stats: dict | None = None, seed_protocol: str = "default",
+               classifier: Callable | None = None, classifier_scale: float = 1.0) -> torch.Tensor:
         """Generate one sample per seed with a sampler of ``lightning_diff.sampling``.
 
         Args:
@@ -330,6 +355,8 @@ class DiffusionModule(pl.LightningModule):
             sigmas: an explicit grid (decreasing, ending in 0); default ``sampler.sigmas(formulation)``.
             data_shape: shape of one sample; default ``self.data_shape``.
             guidance: classifier-free guidance scale gamma (1 = none; ``sampling.CFGDenoiser``).
+            classifier, classifier_scale: classifier guidance with scale s (``classifier.NoisyClassifier.guide``);
+                an unconditional model then needs ``labels`` (the classes to guide to).
             stats: dict that receives the sampler's counters (``nfe``).
             seed_protocol: ``default`` or ``edm`` (NVlabs/edm generate.py's draws: ``sampling.noise``); under
                 ``edm`` a conditional model with ``labels=None`` takes the labels drawn from each seed.
@@ -341,8 +368,9 @@ class DiffusionModule(pl.LightningModule):
         if data_shape is None:
             raise ValueError("DiffusionModule.sample: data_shape is unknown; pass data_shape=(C, H, W)")
         shape = tuple(data_shape)
-        if sigmas is None:
-            sigmas = settings.sigmas(self.formulation)
+        if sigmas is None:  # a distilled student samples on its own levels unless steps are asked
+            own_grid = self.grid is not None and settings.steps is None
+            sigmas = self.grid if own_grid else settings.sigmas(self.formulation)
         # snapped before the start noise is scaled by sigmas[0], as NVlabs/edm's sampler does
         sigmas = self.denoiser.round_sigma(sigmas.to(self.device, torch.float64))
         generator = sampling.PerSampleGenerator([int(s) for s in seeds], device=self._generator_device(seed_protocol),
@@ -352,6 +380,8 @@ class DiffusionModule(pl.LightningModule):
         labels = drawn if labels is None else labels
         cond = None if labels is None else {"labels": labels.to(self.device)}
         denoiser = self.denoiser if guidance == 1 else sampling.CFGDenoiser(self.denoiser, guidance)
+        if classifier is not None:
+            denoiser = classifier.guide(denoiser, classifier_scale, denoiser_labels=self.conditional)
         was_training = self.training
         self.eval()
         try:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from .builders import load_module, pretrained_flags, resolve_device
 from .callbacks.sample_grid import save_image_grid, save_scatter
+from .classifier import classifier_from_config
 from .config import CONFIG_DIR
 from .data.transforms import to_uint8
 from .evaluation import generate
@@ -31,8 +32,11 @@ def main(cfg: DictConfig) -> None:
     sampler = SamplerSettings.from_config(cfg.sampler)
     sampler = with_moments(sampler, module, **cfg.analytic_dpm).check(module.formulation)  # ddpm variance=analytic
     seeds = range(cfg.seed, cfg.seed + cfg.num_samples)
+    classifier, scale = classifier_from_config(cfg.classifier, module.formulation)  # classifier guidance
     samples, labels, stats = generate(module, seeds, sampler=sampler, guidance=cfg.guidance,
-                                      class_label=cfg.class_label, seed_protocol=cfg.seed_protocol)
+                                      class_label=cfg.class_label, seed_protocol=cfg.seed_protocol,
+                                      classifier=None if classifier is None else classifier.to(module.device),
+                                      classifier_scale=scale)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples.numpy()} if samples.ndim == 2 else {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .builders import build_callbacks, build_datamodule, build_logger, build_module
 from .callbacks import EMA
 from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
-from .config import CONFIG_DIR, apply_smoke, check_global_batch, compose
+from .config import CONFIG_DIR, apply_smoke, check_global_batch, compose, smoke_alias
 from .known_warnings import silence_unactionable_warnings
 
 __all__ = ["train", "compose", "finish_logging", "main"]
@@ -29,7 +30,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one training job described by ``cfg``; returns the final metrics (floats) and output paths."""
     check_global_batch(cfg)
     if smoke := apply_smoke(cfg):
-        log.warning("smoke run (+smoke=cpu): network widths set to %s, random images, a few steps", smoke)
+        log.warning("smoke run (+smoke=true): network widths set to %s, random images, a few steps", smoke)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
@@ -83,4 +84,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = smoke_alias(sys.argv[1:])  # +smoke=true
     main()

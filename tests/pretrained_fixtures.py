@@ -20,7 +20,7 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 EDM_REFERENCE = REFERENCE_DIR / "edm"
 
 __all__ = ["EDM_REFERENCE", "REFERENCE_DIR", "edm_networks", "guided_diffusion_script_util", "perturb_",
-           "reference_or_skip", "write_adm_checkpoint", "write_edm_pickle"]
+           "reference_or_skip", "write_adm_checkpoint", "write_adm_classifier_checkpoint", "write_edm_pickle"]
 
 
 def reference_or_skip(name: str) -> Path:
@@ -139,5 +139,19 @@ def write_adm_checkpoint(path: Path, seed: int = 0, **create_model_kwargs) -> to
     else:
         net = script_util.create_model(**kwargs)
     net = perturb_(net, seed=seed + 1).eval()
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def write_adm_classifier_checkpoint(path: Path, seed: int = 0, **encoder_kwargs) -> torch.nn.Module:
+    """A guided-diffusion ``EncoderUNetModel(**encoder_kwargs)`` (its own argument names: ``image_size``,
+    ``model_channels``, ``num_res_blocks``, ``attention_resolutions`` as downsampling rates, ``pool``, ...; 3 input
+    channels), every parameter perturbed, its state dict saved as guided-diffusion's classifier_train.py does.
+    Returns the model (eval mode)."""
+    guided_diffusion_script_util()
+    from guided_diffusion.unet import EncoderUNetModel
+
+    torch.manual_seed(seed)
+    net = perturb_(EncoderUNetModel(in_channels=3, **encoder_kwargs), seed=seed + 1).eval()
     torch.save(net.state_dict(), path)
     return net

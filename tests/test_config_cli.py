@@ -19,7 +19,7 @@ def test_top_level_help_lists_each_command_on_one_line():
     run = cli("--help")
     assert run.returncode == 0, run.stderr[-2000:]
     lines = {line.split()[0]: line for line in run.stdout.splitlines() if line.startswith("  ")}
-    assert list(lines) == ["train", "sample", "evaluate"]
+    assert list(lines)[:3] == ["train", "sample", "evaluate"] and "leaderboard" in lines
     assert all(len(line.split()) > 2 for line in lines.values())  # a description beside each
 
 
@@ -35,6 +35,7 @@ def test_unknown_command_is_named_with_the_allowed_ones():
                 "guidance=1.0", "euler_maruyama"]),
     ("evaluate", ["ckpt=PATH", "metrics.num_images=50000", "metrics.batch_size=64", "sampler.steps=",
                   "sampler.batch_size=64", "bpd, fid, is, kid, pr, vlb"]),
+    ("leaderboard", ["runs=[DIR|GLOB", "out=leaderboard", "metric=fid", "direction=auto", "~leaderboard"]),
 ])
 def test_command_help_shows_its_main_settings(command, settings):
     run = cli(command, "formulation=ncsn", "--help") if command == "train" else cli(command, "--help")

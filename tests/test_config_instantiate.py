@@ -33,7 +33,8 @@ def test_every_group_is_covered_here():
                       "logger", "callbacks", "callbacks/ema", "paths", "metrics", "experiment", "hparams_search",
                       "launcher",
                       "recipe", "smoke",  # tests/test_presets.py
-                      "objective"}  # tests/test_objectives.py
+                      "objective",  # tests/test_objectives.py
+                      "leaderboard"}  # published figures, not a group: tests/test_leaderboard.py
 
 
 @pytest.mark.parametrize("option", options("formulation"))
@@ -51,15 +52,19 @@ def _data_for(network_cfg) -> tuple[tuple[int, ...], int]:
     return (channels, side, side), network_cfg.get("num_classes") or 10
 
 
-@pytest.mark.parametrize("option", options("network"))
+@pytest.mark.parametrize("option", [o for o in options("network") if "classifier" not in o])  # test_classifier.py
 def test_network_on_the_meta_device(option, tmp_path):
-    """Built on the meta device (paper sizes in no memory); a forward pass gives the data's shape back."""
+    """Built on the meta device (paper sizes in no memory); a forward pass gives the data's shape back. NCSN's
+    RefineNets are unconditional and read their noise levels from the ncsn formulation."""
     cfg = compose_config("train", [f"network={option}"], tmp_path)
+    refinenet = cfg.network._target_.endswith("RefineNet")
+    if refinenet:
+        cfg = compose_config("train", [f"network={option}", "formulation=ncsn"], tmp_path)
     shape, num_classes = _data_for(cfg.network)
     with torch.device("meta"):
-        network = build_network(cfg, shape, num_classes, conditional=True)
-        x, c_noise, labels = torch.empty(2, *shape), torch.empty(2), torch.zeros(2, dtype=torch.long)
-        out = network(x, c_noise, labels)
+        network = build_network(cfg, shape, 0 if refinenet else num_classes, conditional=not refinenet)
+        x, c_noise = torch.empty(2, *shape), torch.empty(2)
+        out = network(x, c_noise, None if refinenet else torch.zeros(2, dtype=torch.long))
     assert sum(p.numel() for p in network.parameters()) > 0
     assert out.shape[0] == 2 and out.shape[2:] == x.shape[2:]
     assert out.shape[1] in (shape[0], 2 * shape[0])  # learned-variance heads double the channels
@@ -73,9 +78,15 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("option", options("data"))
+@pytest.mark.parametrize("option", [o for o in options("data") if o != "latents"])  # latents: tests/test_latents.py
 def test_data(option, tmp_path):
     overrides = [f"data.root={_image_folder(tmp_path / 'images')}"] if option == "imagefolder" else []
+    if option == "reflow_pairs":  # a pairs file of lightning-diff reflow (tests/test_reflow.py)
+        from lightning_diff import reflow
+
+        record = {"data_shape": [2], "data_transform": {"scale": 1.0, "offset": 0.0, "bits": None}}
+        pairs = reflow.Couplings(torch.zeros(10, 2), torch.zeros(10, 2), torch.arange(10), record)
+        overrides = [f"data.path={reflow.save_couplings(pairs, tmp_path / 'pairs.pt')}"]
     datamodule = build_datamodule(compose_config("train", [f"data={option}", *overrides], tmp_path))
     assert datamodule.data_shape and datamodule.num_classes >= 0 and datamodule.transform is not None
 

@@ -17,13 +17,17 @@ LAYERS = {
     "sampling.schedules": 0,  # sigma grids: pure functions that the formulations' default grids are made of
     "denoiser": 1,
     "sampling": 2, "likelihood": 2, "metrics": 2, "objectives": 2, "analytic_dpm": 2,
+    "extended_analytic_dpm": 2,
     "pretrained.remote": 0,  # download and cache: a leaf utility (published FID statistics use it too)
     "pretrained": 3, "module": 3,
     "evaluation": 4, "callbacks": 4, "builders": 4, "reports": 4,
-    "train": 5, "sample": 5, "evaluate": 5,  # the entry points
+    "train": 5, "sample": 5, "evaluate": 5, "leaderboard": 5, "classifier": 5,  # the entry points
+    "distillation": 5, "reflow": 5,
     "cli": 6,
 }
-ENTRY_POINTS = {"lightning_diff.train", "lightning_diff.sample", "lightning_diff.evaluate", "lightning_diff.cli"}
+ENTRY_POINTS = {"lightning_diff.train", "lightning_diff.sample", "lightning_diff.evaluate",
+                "lightning_diff.leaderboard", "lightning_diff.classifier", "lightning_diff.distillation",
+                "lightning_diff.reflow", "lightning_diff.cli"}
 
 
 def _module_name(path: Path) -> str:

@@ -107,7 +107,8 @@ def test_cli_second_run_reuses_the_cached_reference(first_run, digits_ckpt, cach
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(open(Path(digits_ckpt).parent / "eval-cli.json").read())
     assert record["protocol"]["samples"]["reference_cached"] is True
-    assert record["metrics"]["fid"] == pytest.approx(first_run["metrics"]["fid"], rel=1e-9)
+    # another process: oneDNN's channels_last Inception kernels may sum in another order (features to ~1e-7)
+    assert record["metrics"]["fid"] == pytest.approx(first_run["metrics"]["fid"], rel=1e-6)
     assert proc.stdout.strip().splitlines()[-1].startswith("fid=") and "eval-cli.json" in proc.stdout
 
 

@@ -54,17 +54,21 @@ class _SummaryOnlyWandb(WandbLogger):
 
 
 @pytest.mark.parametrize("ema_first", [True, False])
-def test_protocol_goes_to_the_wandb_summary_with_the_weights_used(ema_first):
+def test_protocol_goes_to_the_wandb_summary_with_the_weights_used(ema_first, tmp_path):
     callback = GenerativeMetrics()
     callback.measure = lambda trainer, module, weights: ({"fid": 1.5}, {"num_images": 4, "weights": weights})
     logger = _SummaryOnlyWandb()
     callbacks = [EMA(), callback] if ema_first else [callback, EMA()]
     trainer = SimpleNamespace(callbacks=callbacks, loggers=[logger], is_global_zero=True, current_epoch=0,
-                              global_step=3)
+                              global_step=3, checkpoint_callback=None, default_root_dir=str(tmp_path))
     callback.on_train_end(trainer, None)
     weights = "ema" if ema_first else "raw"  # EMA copies the average in at fit end only if it runs first
-    assert logger.run.summary == {"metrics/generative_metrics/protocol": {"num_images": 4, "weights": weights},
-                                  "metrics/fid": 1.5}
+    summary = logger.run.summary
+    assert {k: summary[k] for k in ("metrics/generative_metrics/protocol", "metrics/fid")} == {
+        "metrics/generative_metrics/protocol": {"num_images": 4, "weights": weights}, "metrics/fid": 1.5}
+    record = summary["records/generative_metrics"]  # the record, also on disk (lightning_diff.evaluation.records)
+    assert record["metrics"] == {"fid": 1.5} and record["protocol"]["weights"] == weights
+    assert (tmp_path / "eval-train-generative_metrics-step3.json").is_file()
     assert logger.run.rows[-1]["metrics/fid"] == 1.5
     assert callback.history[-1]["weights"] == weights and callback.history[-1]["step"] == 3
 

@@ -202,8 +202,8 @@ def test_registry_and_bad_input():
         sampling.sample("nope", MIX, x, grid)
     with pytest.raises(ValueError, match="unknown options \\['etta'\\]"):
         sampling.sample("ddim", MIX, x, grid, etta=1.0)
-    with pytest.raises(ValueError, match="end in 0"):
-        sampling.euler(MIX, x, grid[:-1])
+    with pytest.raises(ValueError, match="ends in 0"):
+        sampling.annealed_langevin(MIX, x, grid[:-1])
     with pytest.raises(ValueError, match="decreasing"):
         sampling.euler(MIX, x, grid.flip(0))
     with pytest.raises(ValueError, match="eta=2"):

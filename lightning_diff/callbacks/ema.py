@@ -14,7 +14,11 @@ This subclass adds what diffusion training needs (docs/formulations.md#ema):
 - buffers are copied, not averaged (k-diffusion ``ema_update``): with ``use_buffers=False`` torch's
   ``AveragedModel.update_parameters`` copies every buffer (BatchNorm running statistics included) at each
   update, so the average's buffers are the raw model's current ones, checkpointed and resumed with it;
-- ``evaluate_with``: which weights validation, sampling and the final module use, recorded in the run config.
+- ``evaluate_with``: which weights validation, sampling and the final module use, recorded in the run config;
+- a fused update: the parameter lists are paired once per fit and each optimizer step is one
+  ``torch._foreach_lerp_`` per (device, dtype) group plus one ``_foreach_copy_`` of the buffers, bit-identical
+  to ``AveragedModel.update_parameters`` (tests/test_ema_fused.py) at ~1/30 of its cost on small networks
+  (benchmarks/training.py), with no host sync on accelerators.
 
 Put it before ``sample_grid`` in the callbacks config: on_train_end hooks run in list order, and the
 final samples must see the average.
@@ -111,14 +115,43 @@ class EMA(WeightAveraging):
         self.num_images = 0  # images trained on so far, all ranks (EDM's cur_nimg)
         self._step_images = 0  # images of the micro-batches since the last optimizer step, all ranks
         self._raw_state: dict | None = None  # the raw weights once the average was copied in at the end
+        self._groups: list[tuple[list, list]] | None = None  # cached (average, model) parameter lists
+        self._buffers: tuple[list, list] | None = None  # cached (average, model) buffer lists
 
     def _lerp(self, averages: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
         torch._foreach_lerp_(averages, params, 1.0 - self.beta)  # as swa_utils.get_ema_multi_avg_fn does
+
+    def _cache_tensors(self, pl_module) -> None:
+        """Pair the average's parameters with the module's once per fit, grouped by (device, dtype) so each
+        group is one fused ``_foreach`` call. The ``Parameter`` objects themselves are kept: ``Module.to`` and
+        the swaps for validation replace their ``.data`` in place, never the objects."""
+        groups: dict[tuple, tuple[list, list]] = {}
+        for average, param in zip(self._average_model.module.parameters(), pl_module.parameters(), strict=True):
+            group = groups.setdefault((average.device, average.dtype, param.device, param.dtype), ([], []))
+            group[0].append(average)
+            group[1].append(param)
+        self._groups = list(groups.values())
+        self._buffers = (list(self._average_model.module.buffers()), list(pl_module.buffers()))
+
+    @torch.no_grad()
+    def _update(self, pl_module) -> None:
+        """``AveragedModel.update_parameters`` after its first call, bit for bit, without its per-step cost
+        (module walks, ``detach``, regrouping, and a host sync on ``n_averaged == 0`` on accelerators)."""
+        if self._groups is None:
+            self._cache_tensors(pl_module)
+        for averages, params in self._groups:
+            if averages[0].device != params[0].device or averages[0].dtype != params[0].dtype:
+                params = [p.to(averages[0].device, averages[0].dtype, non_blocking=True) for p in params]
+            self._lerp(averages, params, None)
+        if self._buffers[0]:  # copied, not averaged (use_buffers=False)
+            torch._foreach_copy_(*self._buffers)
+        self._average_model.n_averaged += 1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self._device is None:  # Lightning's default is the module's device *before* it is moved
             self._device = trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
+        self._groups = self._buffers = None  # a new average: pair its tensors again at the first update
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for logger in trainer.loggers:
@@ -133,7 +166,9 @@ class EMA(WeightAveraging):
         self._step_images += len(x) * trainer.world_size
         if trainer.global_step > self._latest_update_step:  # an optimizer step ended this micro-batch
             self.beta = float(self.decay(trainer.global_step - 1, self.num_images, self._step_images))
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if self.should_update(step_idx=trainer.global_step - 1):  # as WeightAveraging, fused update
+                self._update(pl_module)
+                self._latest_update_step = trainer.global_step
             self.num_images += self._step_images
             self._step_images = 0
             if trainer.global_step % trainer.log_every_n_steps == 0:  # self.log costs more than the update

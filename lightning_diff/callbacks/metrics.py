@@ -5,17 +5,23 @@ Both run every ``every_n_epochs`` validation epochs (on the EMA weights, which L
 before them copied the average into the module). Every rank runs them: each generates its shard of the
 seeds or scores its shard of the images, and the statistics are all-reduced inside the evaluation library
 ``lightning_diff.evaluation`` (no collective sits in rank-zero-only code). Values are logged as
-``metrics/<name>``; the protocol goes into the W&B run summary (``metrics/<callback>/protocol``).
+``metrics/<name>``; the protocol goes into the W&B run summary (``metrics/<callback>/protocol``), and each
+evaluation is a record (``lightning_diff.evaluation.records``, the shape ``lightning-diff evaluate`` writes):
+``eval-train-<callback>-step<N>.json`` in the checkpoint folder, in the W&B summary (``records/<callback>``) and
+as a W&B Table.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from ..evaluation import SAMPLE_METRICS, sample_quality, split_bits_per_dim
+from ..evaluation.records import log_record_to_wandb, make_record, rerun_command, run_description, write_record
 from ..module import SamplerSettings
 from .ema import EMA
 
@@ -28,6 +34,7 @@ class _PeriodicEvaluation(pl.Callback):
     Attributes ``history``: one ``{"epoch", "step", "weights", "values", "protocol"}`` per evaluation."""
 
     key = "evaluation"  # W&B summary key of the protocol
+    section = "samples"  # the protocol's section in the record (as lightning-diff evaluate writes it)
 
     def __init__(self, every_n_epochs: int = 0, at_fit_end: bool = True):
         if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
@@ -50,16 +57,35 @@ class _PeriodicEvaluation(pl.Callback):
 
     def _evaluate(self, trainer, module, at_fit_end: bool) -> dict:
         weights = self._weights(trainer, at_fit_end)
+        started = time.perf_counter()
         values, protocol = self.measure(trainer, module, weights)
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "weights": weights,
                   "values": values, "protocol": protocol}
         self.history.append(record)
         if trainer.is_global_zero:  # no collective below: summaries and files only
+            self._write_record(trainer, module, values, {"weights": weights, self.section: protocol},
+                               time.perf_counter() - started)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.experiment.summary.update({f"metrics/{self.key}/protocol": protocol,
                                                       **{f"metrics/{k}": v for k, v in values.items()}})
         return values
+
+    def _write_record(self, trainer, module, values: dict, protocol: dict, wall_time_s: float) -> None:
+        """The evaluation as a record beside the checkpoints (the trainer's root folder without a checkpoint
+        callback) and in every W&B logger's run."""
+        checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+        folder = Path(checkpoints or trainer.default_root_dir)
+        config = {"callback": self.key, **getattr(self, "settings", {}), "metrics": getattr(self, "metrics", [])}
+        run = {**run_description(None, getattr(module, "run_config", None), trainer.global_step),
+               "dir": str((folder.parent if folder.name == "checkpoints" else folder).resolve())}
+        record = make_record(values, protocol, config, kind="training", run=run, command=rerun_command("train"),
+                             wall_time_s=wall_time_s, cache_dir=config.get("cache_dir"))
+        folder.mkdir(parents=True, exist_ok=True)
+        record = write_record(folder, record, name=f"train-{self.key}-step{trainer.global_step}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log_record_to_wandb(logger.experiment, record, self.key)
 
     def on_validation_epoch_end(self, trainer, module):
         epoch = trainer.current_epoch
@@ -87,7 +113,8 @@ class GenerativeMetrics(_PeriodicEvaluation):
             when fitting starts, before any training step.
         guidance: classifier-free guidance gamma (1 = none).
         reference, reference_num_images: reference split (statistics cached) and an optional image limit.
-        inception_weights, batch_size, cache_dir, options: as ``configs/evaluate.yaml``'s ``metrics`` node
+        inception_weights, batch_size, cache_dir, options, feature_extractor: as ``configs/evaluate.yaml``'s
+            ``metrics`` node
             (``batch_size``: images per feature-extractor call; ``options``: per-metric settings such as
             ``{"fid": {"method": "eigvals"}}``).
     """
@@ -98,7 +125,7 @@ class GenerativeMetrics(_PeriodicEvaluation):
                  num_images: int = 10_000, seed: int = 0, seed_sets: int = 1,
                  sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, reference: str = "train",
                  reference_num_images: int | None = None, inception_weights="auto", batch_size: int = 64,
-                 cache_dir: str | None = None, options: dict | None = None):
+                 cache_dir: str | None = None, options: dict | None = None, feature_extractor: str | None = None):
         super().__init__(every_n_epochs, at_fit_end)
         self.sampler = None if sampler is None else SamplerSettings.from_config(sampler)
         self.metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -109,7 +136,7 @@ class GenerativeMetrics(_PeriodicEvaluation):
         self.settings = dict(num_images=num_images, seed=seed, seed_sets=seed_sets, guidance=guidance,
                              reference=reference, reference_num_images=reference_num_images,
                              inception_weights=inception_weights, batch_size=batch_size, cache_dir=cache_dir,
-                             options=dict(options or {}))
+                             options=dict(options or {}), feature_extractor=feature_extractor)
 
     def setup(self, trainer, module, stage: str) -> None:
         """Check the sampler against the module's formulation before any training step."""
@@ -132,6 +159,7 @@ class BitsPerDim(_PeriodicEvaluation):
     """
 
     key = "bits_per_dim"
+    section = "bpd"
 
     def __init__(self, every_n_epochs: int = 0, at_fit_end: bool = True, split: str = "test",
                  num_images: int | None = None, passes: int = 1, batch_size: int = 64, seed: int = 0,

@@ -15,8 +15,8 @@ __all__ = ["generate"]
 
 
 def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0,
-             class_label: int | None = None, progress: bool = True,
-             seed_protocol: str = "default") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+             class_label: int | None = None, progress: bool = True, seed_protocol: str = "default",
+             classifier=None, classifier_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Sample ``len(seeds)`` items with ``sampler`` (None: the module's own), ``sampler.batch_size`` per call.
 
     Sample i depends only on ``seeds[i]``, whatever the batch size. A conditional module gets label
@@ -24,13 +24,16 @@ def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None,
     the label NVlabs/edm's generate.py draws from the seed (``"edm"``, ``sampling.noise``). A latent model
     (``module.decoder`` set) is decoded to images in model space.
 
+    ``classifier`` (a ``classifier.NoisyClassifier``) guides with scale ``classifier_scale`` (``module.sample``); an
+    unconditional module then samples the classifier's classes, labelled as above.
+
     Returns:
         ``(samples float [N, *data_shape] in model space, labels long [N] or None, stats)`` with
         ``stats = {"nfe": network evaluations per sample, "seconds": wall time}``.
     """
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler)
     seeds = list(seeds)
-    num_classes = _check_conditioning(module, guidance, class_label)
+    num_classes = _check_conditioning(module, guidance, class_label, classifier)
     _check_decodable(module)
     out, labels, stats, start, size = [], [], {}, time.perf_counter(), sampler.batch_size
     with Progress(disable=not progress, transient=True) as bar:
@@ -40,7 +43,8 @@ def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None,
             batch = seeds[i:i + size]
             batch_labels = _labels(module, batch, num_classes, class_label, seed_protocol)
             samples = module.sample(batch, labels=batch_labels, sampler=sampler, guidance=guidance, stats=stats,
-                                    seed_protocol=seed_protocol)
+                                    seed_protocol=seed_protocol, classifier=classifier,
+                                    classifier_scale=classifier_scale)
             if module.decoder is not None:
                 with torch.no_grad():
                     samples = module.decoder(samples).float()
@@ -51,17 +55,22 @@ def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None,
     return torch.cat(out), labels, {"nfe": stats.get("nfe"), "seconds": time.perf_counter() - start}
 
 
-def _check_conditioning(module, guidance: float, class_label: int | None) -> int:
-    """The number of classes the module samples with (0: unconditional); ValueError naming ``class_label=`` or
-    ``guidance=`` when the model cannot do what they ask."""
+def _check_conditioning(module, guidance: float, class_label: int | None, classifier=None) -> int:
+    """The number of classes the module samples with (0: unconditional; the classifier's when one guides an
+    unconditional module); ValueError naming ``class_label=`` or ``guidance=`` when the model cannot do what they
+    ask."""
     num_classes = module.num_classes if module.conditional else 0
-    if class_label is not None and not (isinstance(class_label, int) and 0 <= class_label < num_classes):
-        allowed = f"null or an integer in [0, {num_classes})" if num_classes else "null (the model is unconditional)"
-        raise ValueError(f"class_label={class_label!r} is invalid; allowed: {allowed}")
+    if classifier is not None and num_classes and classifier.num_classes != num_classes:
+        raise ValueError(f"classifier.ckpt: the classifier has {classifier.num_classes} classes, the model "
+                         f"{num_classes}; allowed: a classifier of the model's classes")
     if guidance != 1 and (not num_classes or module.denoiser.null_label is None):
         why = "is unconditional" if not num_classes else "has no null label (it was trained without label dropout)"
         raise ValueError(f"guidance={guidance}: classifier-free guidance needs a conditional model with a null "
                          f"label; this model {why}; allowed: guidance=1")
+    num_classes = num_classes or (classifier.num_classes if classifier is not None else 0)
+    if class_label is not None and not (isinstance(class_label, int) and 0 <= class_label < num_classes):
+        allowed = f"null or an integer in [0, {num_classes})" if num_classes else "null (the model is unconditional)"
+        raise ValueError(f"class_label={class_label!r} is invalid; allowed: {allowed}")
     return num_classes
 
 

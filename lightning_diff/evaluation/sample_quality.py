@@ -62,6 +62,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
                    sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, seed: int = 0,
                    seed_sets: int = 1, reference: str = "train", reference_num_images: int | None = None,
                    inception_weights="auto", batch_size: int = 64, cache_dir=None, options: dict | None = None,
+                   feature_extractor: str | None = None,
                    progress: bool = False, device=None, seed_protocol: str = "default") -> tuple[dict, dict]:
     """FID/IS/KID/PR of ``module``'s samples against split ``reference`` of ``datamodule``, or against the
     published statistics file ``reference`` (``*.npz``: NVlabs/edm fid-refs, guided-diffusion reference batches;
@@ -78,6 +79,8 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
         batch_size: images per feature-extractor call (``metrics.batch_size``).
         options: per-metric options as in ``configs/metrics`` (``{"fid": {"method": ...}, "kid": {...}}``).
         inception_weights: ``"auto"`` (see :func:`default_inception_weights`), None or a path.
+        feature_extractor: None (Inception) or a torch-fidelity extractor's name for FID/KID/IS, e.g.
+            ``small_classifier_digits`` (``metrics/small_classifier.py``; ``metrics.feature_extractor``).
         seed_protocol: how each seed draws its start noise and label (``evaluation.generate``).
     Returns:
         ``(results, protocol)``: metric name -> float (``fid``, ``is_mean``, ``is_std``, ``kid_mean``,
@@ -123,11 +126,11 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
                                   split=reference_tag(datamodule, split, count, limited),
                                   resolution=int(datamodule.data_shape[-1]), inception_weights=weights_arg,
                                   metrics=metrics, batch_size=batch_size,
-                                  device=device, cache_dir=cache_dir)
+                                  device=device, cache_dir=cache_dir, feature_extractor=feature_extractor)
             reference_cached = not read
             bar.remove_task(task)
         extractors = Extractors.build(metrics, weights_arg, options.get("pr", {}).get("vgg16_weights"), device,
-                                      cache_dir)
+                                      cache_dir, feature_extractor)
         task = bar.add_task(f"sampling ({sampler.name}, {sampler_record['steps']} steps)",
                             total=num_images * seed_sets)
         stats = {}

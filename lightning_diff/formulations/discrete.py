@@ -19,9 +19,9 @@ import torch
 
 from ..sampling.schedules import ddpm_sigmas, iddpm_sigmas
 from .base import Formulation, check_positive, check_range
+from .prediction import VPPrediction, check_prediction
 
 BETA_SCHEDULES = ("linear", "cosine")
-PREDICTIONS = ("eps", "x0", "v")
 
 
 class DiscreteFormulation(Formulation):
@@ -50,20 +50,15 @@ class DiscreteFormulation(Formulation):
         return self.grid.to(device=k.device)[k].float()
 
 
-class DDPM(DiscreteFormulation):
+class DDPM(VPPrediction, DiscreteFormulation):
     """Ho et al. 2020. sigma_i = sqrt((1 - abar_i) / abar_i) for timestep index i = 0..T-1.
 
     The network's target (``prediction``), in the DDPM frame ``x_t = sqrt(abar) y + sqrt(1 - abar) eps``
     and in our sigma-frame ``x = x_t / sqrt(abar) = y + sigma eps`` (so ``sqrt(abar) = 1/sqrt(1 + sigma^2)``):
 
-    - ``eps`` (Ho et al. 2020, eq. 11): ``D = x - sigma F``; c_skip 1, c_out -sigma.
-    - ``x0`` (guided-diffusion ``predict_xstart``, diffusers ``"sample"``): ``D = F``; c_skip 0, c_out 1.
-    - ``v`` (Salimans & Ho 2022, sec. 4: ``v = sqrt(abar) eps - sqrt(1 - abar) y``, diffusers
-      ``"v_prediction"``): ``y = sqrt(abar) x_t - sqrt(1 - abar) v``, i.e.
-      ``D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) F``.
-
-    ``loss_weight`` makes ``lambda ||D - y||^2`` the source's own MSE on its target: 1/sigma^2 for eps,
-    1 for x0, (1 + sigma^2)/sigma^2 for v (= 1/c_out^2 in each case).
+    ``eps``, ``x0`` or ``v`` with c_skip, c_out and ``loss_weight = 1 / c_out^2`` from ``prediction.VPPrediction``
+    (eps: ``D = x - sigma F``; x0: ``D = F``; v, Salimans & Ho 2022 Sec. 4:
+    ``D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) F``).
     """
 
     name = "ddpm"
@@ -86,8 +81,7 @@ class DDPM(DiscreteFormulation):
             raise ValueError(f"{setting}: num_timesteps={num_timesteps!r} is invalid; allowed: an integer >= 2")
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"{setting}: beta_schedule={beta_schedule!r} is not known; allowed: {BETA_SCHEDULES}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"{setting}: prediction={prediction!r} is not known; allowed: {PREDICTIONS}")
+        check_prediction(prediction, setting)
         check_range(beta_start, beta_end, setting + " (betas)")
         check_positive("cosine_s", cosine_s, setting)
         check_positive("timestep_scale", timestep_scale, setting)
@@ -132,29 +126,11 @@ class DDPM(DiscreteFormulation):
     def s_deriv(self, t):
         return -t * (1 + t**2) ** -1.5
 
-    def c_skip(self, sigma):
-        if self.prediction == "eps":
-            return torch.ones_like(sigma)
-        if self.prediction == "x0":
-            return torch.zeros_like(sigma)
-        return 1 / (1 + sigma**2)  # v: sqrt(abar)^2 (Salimans & Ho 2022, sec. 4)
-
-    def c_out(self, sigma):
-        if self.prediction == "eps":
-            return -sigma
-        if self.prediction == "x0":
-            return torch.ones_like(sigma)
-        return -sigma * (1 + sigma**2).rsqrt()  # v: -sqrt(1 - abar)
-
     def c_in(self, sigma):
         return (1 + sigma**2).rsqrt()
 
     def c_noise(self, sigma):
         return self.timestep_index(sigma).to(sigma.dtype) * self.timestep_scale
-
-    def loss_weight(self, sigma):
-        """1 / c_out^2: the source's MSE on its own target (eps: 1/sigma^2, x0: 1, v: (1 + sigma^2)/sigma^2)."""
-        return 1 / self.c_out(sigma) ** 2
 
     @property
     def max_sampling_steps(self) -> int:

@@ -7,11 +7,14 @@ import torch
 
 from ..sampling.schedules import vp_sigmas
 from .base import Formulation, check_positive
+from .prediction import VPPrediction, check_prediction
 
 
-class VP(Formulation):
-    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), s(t) = 1 / sqrt(1 + sigma(t)^2);
-    epsilon-prediction network fed ``(M - 1) t``."""
+class VP(VPPrediction, Formulation):
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), s(t) = 1 / sqrt(1 + sigma(t)^2); network fed
+    ``c_in x = x_t`` and ``(M - 1) t``, predicting ``eps`` (EDM's VPPrecond), ``x0`` or ``v`` (Salimans & Ho 2022,
+    Sec. 4: ``v = alpha n - sigma_t y``); c_skip, c_out and ``loss_weight = 1 / c_out^2`` from
+    ``prediction.VPPrediction`` (for eps the weight is EDM's 1/sigma^2)."""
 
     name = "vp"
 
@@ -22,8 +25,14 @@ class VP(Formulation):
         M: int = 1000,  # Original number of timesteps in the DDPM formulation (c_noise scale).
         epsilon_t: float = 1e-5,  # Minimum t during training.
         epsilon_s: float = 1e-3,  # Minimum t of the sampling grid (EDM Table 1).
+        prediction: str = "eps",  # The network's target: 'eps', 'x0' or 'v' (formulations.prediction).
     ):
         setting = f"formulation={self.name}"
+        check_prediction(prediction, setting)
+        if self.name == "subvp" and prediction != "eps":
+            raise ValueError(f"{setting}: prediction={prediction!r} is not supported; allowed: eps (x0 and v are "
+                             "defined for the variance-preserving frame, formulation=vp)")
+        self.prediction = prediction
         for key, value in dict(beta_d=beta_d, M=M, epsilon_t=epsilon_t, epsilon_s=epsilon_s).items():
             check_positive(key, value, setting)
         if beta_min < 0:
@@ -63,9 +72,6 @@ class VP(Formulation):
 
     def s_deriv(self, t):
         return -0.5 * self._beta(t) * self.s(t)
-
-    def c_out(self, sigma):
-        return -sigma
 
     def c_in(self, sigma):
         return self.s(self.t_of_sigma(sigma))

@@ -16,6 +16,7 @@ from .reference import (
     reference_key,
     save_reference,
 )
+from .small_classifier import SMALL_CLASSIFIER_DATASETS, SmallClassifierExtractor, load_or_train
 from .stats import FeatureStats, frechet_distance
 
 __all__ = [
@@ -41,4 +42,7 @@ __all__ = [
     "save_reference",
     "FeatureStats",
     "frechet_distance",
+    "SMALL_CLASSIFIER_DATASETS",
+    "SmallClassifierExtractor",
+    "load_or_train",
 ]

@@ -13,6 +13,7 @@ set, of which each rank extracts its contiguous block. All ranks get the same re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from .distributed import all_gather_rows, rank_and_world, shard
 from .extractor import (
@@ -89,19 +91,27 @@ def _check_images(images: torch.Tensor, setting: str) -> torch.Tensor:
 
 @dataclass
 class Extractors:
-    """The networks a set of metrics needs, built once: ``inception`` (pool3, plus logits for IS) and
+    """The networks a set of metrics needs, built once: ``inception`` (pool3, plus logits for IS; or the
+    extractor named by ``feature_extractor``, with its ``feature`` of width ``dim`` and its ``logits``) and
     ``vgg16`` (precision/recall), either None when unused."""
 
     inception: torch.nn.Module | None
     inception_id: str
     vgg16: torch.nn.Module | None = None
+    feature: str = "2048"  # the extractor's output for FID/KID (Inception: pool3)
+    dim: int = 2048
+    logits: str = "logits_unbiased"  # its output for IS
 
     @classmethod
     def build(
-        cls, metrics: Sequence[str], inception_weights=None, vgg16_weights=None, device="cpu", cache_dir=None
+        cls, metrics: Sequence[str], inception_weights=None, vgg16_weights=None, device="cpu", cache_dir=None,
+        feature_extractor: str | None = None,
     ) -> Extractors:
-        name, path = resolve_inception_weights(inception_weights, cache_dir)
-        wanted = ["2048"] + (["logits_unbiased"] if "is" in metrics else [])
+        name, path = resolve_extractor(feature_extractor, inception_weights, cache_dir)
+        registered = FEATURE_EXTRACTORS_REGISTRY[name]
+        feature, logits = (registered.get_default_feature_layer_for_metric(m) for m in ("fid", "isc")) \
+            if feature_extractor else ("2048", "logits_unbiased")
+        wanted = [feature] + ([logits] if "is" in metrics else [])
         if name == POOL3_EXTRACTOR and "is" in metrics:
             raise ValueError(
                 f"metrics=[..., 'is']: inception_weights={str(inception_weights)!r} is the pool3-only "
@@ -116,7 +126,23 @@ class Extractors:
         vgg16 = (
             build_extractor(VGG16_EXTRACTOR, ["fc2_relu"], vgg16_weights, device) if "pr" in metrics else None
         )
-        return cls(inception, extractor_id(name, path), vgg16)
+        dim = 2048 if inception is None or not feature_extractor else inception.convert_features_tuple_to_dict(
+            inception(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)))[feature].shape[1]
+        return cls(inception, extractor_id(name, path), vgg16, feature, dim, logits)
+
+
+def resolve_extractor(feature_extractor, inception_weights, cache_dir) -> tuple[str, str | None]:
+    """``(torch-fidelity name, weights path or None)``: the Inception of ``inception_weights`` when
+    ``feature_extractor`` is None, else the registered extractor of that name (e.g.
+    ``small_classifier_digits``) with the weights file its ``resolve_weights(cache_dir)`` gives, if it has one."""
+    if feature_extractor is None:
+        return resolve_inception_weights(inception_weights, cache_dir)
+    if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"metrics.feature_extractor={feature_extractor!r} is not registered with torch-fidelity; "
+                         f"allowed: null (Inception) or one of {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    registered = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+    resolve = getattr(registered, "resolve_weights", None)
+    return feature_extractor, resolve(cache_dir) if resolve else None
 
 
 @dataclass
@@ -140,7 +166,7 @@ def _extract(
 ) -> _Features:
     """Run this rank's block of ``source`` through the extractors; reduce and gather across ranks."""
     rows = range(source.length) if source.sharded else shard(source.length)
-    stats, pool3, logits, vgg = FeatureStats.empty(2048), [], [], []
+    stats, pool3, logits, vgg = FeatureStats.empty(ex.dim), [], [], []
     for start in range(rows.start, rows.stop, batch_size):
         images = _check_images(
             torch.as_tensor(source.batch(start, min(start + batch_size, rows.stop))), setting
@@ -148,11 +174,11 @@ def _extract(
         images = images.to(device)
         if ex.inception is not None:
             out = ex.inception.convert_features_tuple_to_dict(ex.inception(images))
-            stats.update(out["2048"])
+            stats.update(out[ex.feature])
             if keep_pool3:
-                pool3.append(out["2048"].cpu())
+                pool3.append(out[ex.feature].cpu())
             if keep_logits:
-                logits.append(out["logits_unbiased"].cpu())
+                logits.append(out[ex.logits].cpu())
         if ex.vgg16 is not None:
             vgg.append(ex.vgg16(images)[0].cpu())
 
@@ -163,7 +189,7 @@ def _extract(
 
     return _Features(
         stats.all_reduce(),
-        gather(pool3, keep_pool3, 2048),
+        gather(pool3, keep_pool3, ex.dim),
         gather(logits, keep_logits, 1008),
         gather(vgg, ex.vgg16 is not None, 4096),
     )
@@ -185,7 +211,7 @@ def extract_reference(
     src = ImageSource.wrap(images, "reference")
     feats = _extract(
         src,
-        Extractors(ex.inception, ex.inception_id, ex.vgg16 if keep_features else None),
+        dataclasses.replace(ex, vgg16=ex.vgg16 if keep_features else None),
         keep_pool3=keep_features,
         keep_logits=False,
         batch_size=batch_size,
@@ -207,6 +233,7 @@ def cache_reference(
     device=None,
     cache_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    feature_extractor: str | None = None,
 ) -> str:
     """Compute reference statistics once and cache them; returns the key to pass as ``reference``.
 
@@ -218,7 +245,7 @@ def cache_reference(
     metrics = _check_metrics(metrics)
     keep_features = bool({"kid", "pr"} & set(metrics))
     device = _default_device(device)
-    name, path = resolve_inception_weights(inception_weights, cache_dir)
+    name, path = resolve_extractor(feature_extractor, inception_weights, cache_dir)
     key = reference_key(dataset, split, resolution, extractor_id(name, path))
     try:
         cached = load_reference(key, extractor_id(name, path), cache_dir)
@@ -228,7 +255,7 @@ def cache_reference(
     except ValueError:
         pass
     ex = Extractors.build(tuple(m for m in metrics if m != "is") or ("fid",), inception_weights, None, device,
-                          cache_dir)
+                          cache_dir, feature_extractor)
     ref = extract_reference(images, ex, keep_features=keep_features, batch_size=batch_size, device=device)
     ref.meta.update(dataset=dataset, split=split, resolution=resolution)
     if rank_and_world()[0] == 0:
@@ -261,6 +288,7 @@ def compute_metrics(
     rng_seed: int = 2020,  # Seed of KID subsets and IS shuffling (torch-fidelity's default).
     fid_method: str = "sqrtm",  # Matrix square root of FID: EDM's 'sqrtm' or 'eigvals'.
     extractors: Extractors | None = None,
+    feature_extractor: str | None = None,
 ) -> dict[str, float]:
     """Sample-quality metrics of ``generated`` against ``reference``.
 
@@ -277,6 +305,8 @@ def compute_metrics(
         batch_size: images per extractor call.
         vgg16_weights: torchvision VGG16 state dict for PR (None: torchvision's download).
         extractors: prebuilt :class:`Extractors` (reuse across calls); overrides the weights arguments.
+        feature_extractor: None (Inception, as ``inception_weights``) or a torch-fidelity extractor's name,
+            e.g. ``small_classifier_digits`` (``metrics/small_classifier.py``) for FID/KID at small scale.
         fid_method: see :func:`frechet_distance`.
     Returns:
         ``{"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"}`` for the requested
@@ -288,7 +318,8 @@ def compute_metrics(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"metrics.batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
     device = _default_device(device)
-    ex = extractors or Extractors.build(metrics, inception_weights, vgg16_weights, device, cache_dir)
+    ex = extractors or Extractors.build(metrics, inception_weights, vgg16_weights, device, cache_dir,
+                                        feature_extractor)
     gen_src = ImageSource.wrap(generated, "generated")
     keep_pool3 = "kid" in metrics
     gen = _extract(
@@ -317,7 +348,7 @@ def compute_metrics(
         else:
             ref = extract_reference(
                 reference,
-                Extractors(ex.inception, ex.inception_id, ex.vgg16),
+                ex,
                 keep_features=bool({"kid", "pr"} & set(metrics)),
                 batch_size=batch_size,
                 device=device,

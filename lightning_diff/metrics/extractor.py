@@ -271,7 +271,11 @@ def build_extractor(name: str, features: list[str], weights_path: str | None, de
             else ("Inception", INCEPTION_WEIGHTS_FILE, "metrics.inception_weights")
         )
         raise _missing_download(kind, file, setting, err) from err
-    return extractor.to(device).eval().requires_grad_(False)
+    # channels_last: oneDNN's (and cuDNN's) fast convolution layout (benchmarks/README.md); pool3 features agree
+    # with torch-fidelity's default layout to ~1e-6 of the largest (float32 summation order;
+    # tests/test_extractor_layout.py), FID to 1e-4 relative (tests/test_metrics.py).
+    memory_format = torch.channels_last if name != VGG16_EXTRACTOR else torch.contiguous_format
+    return extractor.to(device, memory_format=memory_format).eval().requires_grad_(False)
 
 
 def extractor_id(name: str, weights_path: str | None) -> str:

@@ -3,15 +3,18 @@ record stored with every result (docs/metrics.md#what-is-recorded-with-each-resu
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..data.transforms import to_uint8
 from .compute import Extractors, ImageSource, compute_metrics
 from .distributed import rank_and_world, shard
+from .reference import reference_path
 
-__all__ = ["to_uint8", "protocol_record", "evaluate_generator"]
+__all__ = ["to_uint8", "protocol_record", "reference_statistics_sha256", "evaluate_generator"]
 
 
 def protocol_record(
@@ -53,6 +56,23 @@ def protocol_record(
         "world_size": rank_and_world()[1],
         **extra,
     }
+
+
+def reference_statistics_sha256(reference, cache_dir=None) -> str | None:
+    """SHA-256 of the reference statistics a protocol names: the ``sha256`` of a published file's record, or,
+    for a cache key, of the arrays in ``<cache_dir>/reference/<key>.npz`` (names and bytes in name order: equal
+    statistics give equal hashes whatever the zip's timestamps); None when there is none."""
+    if isinstance(reference, dict):
+        return reference.get("sha256")
+    path = reference_path(reference, cache_dir) if isinstance(reference, str) and "/" not in reference else None
+    if path is None or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with np.load(path, allow_pickle=False) as arrays:
+        for name in sorted(arrays.files):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
 
 
 def evaluate_generator(

@@ -22,6 +22,7 @@ class MLP(nn.Module):
         emb_channels: int = 64,  # Width of the noise-level embedding.
         num_classes: int = 0,  # 0 = unconditional.
         label_dropout: float = 0.0,  # Probability of the null label during training (CFG).
+        out_dim: int | None = None,  # Output size; None = dim (a noise-conditional classifier: its classes).
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -31,7 +32,7 @@ class MLP(nn.Module):
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth)
         )
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, out_dim or dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -30,7 +30,7 @@ from ..denoiser import Denoiser
 from . import remote
 from .base import Pretrained
 
-__all__ = ["FORMATS", "Pretrained", "infer_format", "load", "load_pretrained"]
+__all__ = ["FORMATS", "Pretrained", "infer_format", "load", "load_classifier", "load_pretrained"]
 
 FORMATS = {  # format -> module with load(path, *, map_location, **flags) -> Pretrained
     "edm": "lightning_diff.pretrained.edm",
@@ -68,6 +68,19 @@ def load_pretrained(source, *, format: str | None = None, map_location="cpu", sh
     pretrained = importlib.import_module(FORMATS[format]).load(path, map_location=map_location, **flags)
     pretrained.denoiser.eval()
     return pretrained
+
+
+def load_classifier(source, *, format: str = "adm_classifier", map_location="cpu", sha256: str | None = None,
+                    **flags) -> tuple[torch.nn.Module, dict]:
+    """A released noise-conditional classifier as ``(network in eval mode, its settings)``. The one format,
+    ``adm_classifier``: guided-diffusion's ``EncoderUNetModel`` ``.pt`` (``adm.load_classifier``: our
+    ``DhariwalEncoder``, ``classifier(x_t, t)`` in the DDPM frame, flags ``classifier_width=...``). ``source`` as
+    ``load``'s (file, URL, ``hf://``); read with ``weights_only=True``."""
+    if format != "adm_classifier":
+        raise ValueError(f"classifier format={format!r} is not known; allowed: adm_classifier")
+    from . import adm
+
+    return adm.load_classifier(remote.resolve(source, sha256=sha256), map_location=map_location, **flags)
 
 
 def infer_format(path: Path) -> str:

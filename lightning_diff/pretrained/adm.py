@@ -7,6 +7,7 @@ guided-diffusion's ``model_and_diffusion_defaults()`` names, and from the weight
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import re
@@ -16,10 +17,10 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..formulations import DDPM
-from ..networks.adm import ConvResample, DhariwalUNet
+from ..networks.adm import ConvResample, DhariwalEncoder, DhariwalUNet
 from .base import Pretrained
 
-__all__ = ["load", "FLAGS", "build_network", "read_state_dict"]
+__all__ = ["load", "FLAGS", "build_network", "read_state_dict", "load_classifier", "CLASSIFIER_FLAGS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ NOISE_SCHEDULES = ("linear", "cosine")  # guided-diffusion get_named_beta_schedu
 _RESBLOCK = (("in_layers.0.", "norm0."), ("in_layers.2.", "conv0."), ("emb_layers.1.", "affine."),
              ("out_layers.0.", "norm1."), ("out_layers.3.", "conv1."), ("skip_connection.", "skip.1."))
 _ATTENTION = (("norm.", "norm."), ("qkv.", "attn.qkv."), ("proj_out.", "attn.proj."))
+_POOL = (("positional_embedding", "positional_embedding"), ("qkv_proj.", "qkv."), ("c_proj.", "proj."))
 
 
 def read_state_dict(path: pathlib.Path, map_location="cpu") -> dict[str, torch.Tensor]:
@@ -169,22 +171,30 @@ def _heads(flags: dict, widths: set[int]) -> dict:
     return settings
 
 
+def _block_pairs(pairs: list, source: str, ours: str, module: nn.Module, attention_layer: str | None = None) -> None:
+    """Append the pairs of one ResBlock (+ its attention) or ConvResample layer to ``pairs``."""
+    if isinstance(module, ConvResample):
+        pairs.append((f"{source}.conv" if "output" in source else f"{source}.op", f"{ours}.conv", "plain"))
+        return
+    pairs.append((source, ours, "res"))
+    if module.attn is not None:
+        pairs.append((attention_layer, f"{ours}.attn", "attn"))
+
+
+def _encoder_pairs(pairs: list, net: nn.Module) -> None:
+    """Append the pairs of the shared encoder (``input_blocks``) of a ``DhariwalUNet`` or ``DhariwalEncoder``."""
+    for i, module in enumerate(net.enc):  # input_blocks[1:]: ResBlock (+ attention) or a downsampler
+        _block_pairs(pairs, f"input_blocks.{i + 1}.0", f"enc.{i}", module, f"input_blocks.{i + 1}.1")
+
+
 def _pairs(net: DhariwalUNet) -> list[tuple[str, str, str]]:
     """``(guided-diffusion prefix, our prefix, kind)`` for every layer, kind ``plain`` | ``res`` | ``attn``."""
     pairs = [("time_embed.0", "map_layer0", "plain"), ("time_embed.2", "map_layer1", "plain"),
              ("label_emb", "map_label.embed", "plain"), ("input_blocks.0.0", "enc_conv", "plain"),
              ("out.0", "out_norm", "plain"), ("out.2", "out_conv", "plain")]
 
-    def block(source: str, ours: str, module: nn.Module, attention_layer: str | None = None) -> None:
-        if isinstance(module, ConvResample):
-            pairs.append((f"{source}.conv" if "output" in source else f"{source}.op", f"{ours}.conv", "plain"))
-            return
-        pairs.append((source, ours, "res"))
-        if module.attn is not None:
-            pairs.append((attention_layer, f"{ours}.attn", "attn"))
-
-    for i, module in enumerate(net.enc):  # input_blocks[1:]: ResBlock (+ attention) or a downsampler
-        block(f"input_blocks.{i + 1}.0", f"enc.{i}", module, f"input_blocks.{i + 1}.1")
+    block = functools.partial(_block_pairs, pairs)
+    _encoder_pairs(pairs, net)
     block("middle_block.0", "dec.0", net.dec[0], "middle_block.1")
     block("middle_block.2", "dec.1", net.dec[1])
     output = -1
@@ -204,20 +214,22 @@ def _legacy_qkv_to_ours(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
 
 
-def to_our_names(path, state: dict[str, torch.Tensor], net: DhariwalUNet, legacy_attention: bool) -> dict:
-    """guided-diffusion's state dict with ``net``'s names; conv1d weights of attention as linear weights,
-    legacy qkv rows reordered. Every source tensor must be used."""
+def to_our_names(path, state: dict[str, torch.Tensor], net: DhariwalUNet, legacy_attention: bool,
+                 pairs: list | None = None) -> dict:
+    """guided-diffusion's state dict with ``net``'s names (``pairs``, default the UNet's ``_pairs(net)``); conv1d
+    weights of attention as linear weights, legacy qkv rows reordered. Every source tensor must be used."""
     ours, used = {}, set()
-    for source, target, kind in _pairs(net):
-        renames = {"plain": (("", ""),), "res": _RESBLOCK, "attn": _ATTENTION}[kind]
+    for source, target, kind in (_pairs(net) if pairs is None else pairs):
+        renames = {"plain": (("", ""),), "linear": (("", ""),), "res": _RESBLOCK, "attn": _ATTENTION,
+                   "pool": _POOL}[kind]
         for key in [k for k in state if k.startswith(source + ".")]:
             rest = key[len(source) + 1:]
             old, new = next(((o, n) for o, n in renames if rest.startswith(o)), (None, None))
             if old is None:
                 continue
             value = state[key]
-            if kind == "attn":
-                value = value.reshape(value.shape[0], -1) if value.ndim == 3 else value
+            if kind in ("attn", "pool", "linear"):  # conv1d / 1x1 conv weights [out, in, 1(, 1)] as linear ones
+                value = value.reshape(value.shape[0], -1) if value.ndim > 2 else value
                 if old == "qkv." and legacy_attention:
                     value = _legacy_qkv_to_ours(value, net.get_submodule(target).attn.num_heads)
             ours[f"{target}.{new}{rest[len(old):]}"] = value
@@ -301,3 +313,131 @@ def load(path: pathlib.Path, *, map_location="cpu", **flags) -> Pretrained:
     size = settings["image_size"]
     return Pretrained(denoiser=denoiser, data_shape=(net.enc_conv.in_channels, size, size),
                       num_classes=settings["num_classes"], format="adm", source=str(path), config=settings)
+
+
+# --- ADM's noise-conditional classifiers (guided-diffusion create_classifier, EncoderUNetModel) ----------------
+# guided-diffusion's classifier_defaults(); None: inferred from the weights (a given value is checked).
+CLASSIFIER_FLAGS = dict(
+    image_size=None,  # Inferred: the create_classifier size whose channel_mult the weights have.
+    classifier_width=None, classifier_depth=None, classifier_attention_resolutions=None,
+    classifier_use_scale_shift_norm=None, classifier_resblock_updown=None, classifier_pool=None,
+    num_head_channels=64,  # create_classifier's fixed head width (a flag here for other EncoderUNetModels).
+    classifier_use_fp16=False,  # Run setting: weights load in float32.
+)
+
+
+def read_classifier_state_dict(path: pathlib.Path, map_location="cpu") -> dict[str, torch.Tensor]:
+    """The ``EncoderUNetModel`` state dict in ``path`` (``torch.load(weights_only=True)``)."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "time_embed.0.weight" not in state or "middle_block.0.in_layers.0.weight" \
+            not in state or any(key.startswith("output_blocks.") for key in state):
+        raise ValueError(f"format=adm_classifier: {path} is not a guided-diffusion EncoderUNetModel state dict; "
+                         "allowed: a state dict with keys 'time_embed.0.weight', 'input_blocks.0.0.weight', "
+                         "'middle_block.*', 'out.*' and no 'output_blocks' (that is a UNetModel: format=adm)")
+    return state
+
+
+def infer_classifier_shapes(path, state: dict[str, torch.Tensor], image_size: int | None) -> dict:
+    """The ``create_classifier`` flags the weights' shapes determine, under guided-diffusion's names, and
+    ``num_classes``, ``channel_mult``, ``attention_ds``. ``image_size`` (None: every create_classifier size) picks
+    the ``channel_mult``; the weights must fit exactly one."""
+    width = state["time_embed.0.weight"].shape[1]
+    blocks = len(_sub_indices(state, "input_blocks"))  # 1 + levels * depth + levels - 1 = levels * (depth + 1)
+    pool = "attention" if "out.2.positional_embedding" in state else "adaptive" if "out.3.weight" in state else None
+    if pool is None:
+        raise ValueError(f"format=adm_classifier: {path} has neither an attention pool ('out.2.positional_embedding')"
+                         " nor an adaptive one ('out.3.weight'); allowed: classifier_pool=attention or adaptive")
+    sizes = DEFAULT_CHANNEL_MULT if image_size is None else {image_size: DEFAULT_CHANNEL_MULT.get(image_size)}
+    if None in sizes.values():
+        raise ValueError(f"format=adm_classifier: image_size={image_size!r} is invalid; allowed: "
+                         f"{', '.join(map(str, DEFAULT_CHANNEL_MULT))} (guided-diffusion's create_classifier)")
+
+    def fits(size: int, mult: tuple) -> bool:
+        levels = len(mult)
+        depth = blocks // levels - 1
+        if blocks % levels or depth < 1:
+            return False
+        first = [f"input_blocks.{1 + level * (depth + 1)}.0.in_layers.2.weight" for level in range(levels)]
+        if any(key not in state or state[key].shape[0] != int(width * m) for key, m in zip(first, mult, strict=True)):
+            return False
+        side = size >> (levels - 1)
+        return pool == "adaptive" or state["out.2.positional_embedding"].shape[1] == side * side + 1
+
+    found = [size for size, mult in sizes.items() if fits(size, mult)]
+    if len(found) != 1:
+        which = "none" if not found else f"all of {found}"
+        raise ValueError(f"format=adm_classifier: the weights in {path} fit {which} of the create_classifier sizes "
+                         f"{list(sizes)} (channel_mult by image_size); pass the model card's image_size")
+    size = found[0]
+    mult = DEFAULT_CHANNEL_MULT[size]
+    depth = blocks // len(mult) - 1
+    attention_ds = tuple(2**level for level in range(len(mult))
+                         if f"input_blocks.{1 + level * (depth + 1)}.1.qkv.weight" in state)
+    head = "out.2.c_proj.weight" if pool == "attention" else "out.3.weight"
+    return dict(image_size=size, classifier_width=width, classifier_depth=depth, classifier_pool=pool,
+                classifier_attention_resolutions=",".join(str(size // ds) for ds in attention_ds),
+                classifier_use_scale_shift_norm=state["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * width,
+                classifier_resblock_updown=len(mult) > 1 and f"input_blocks.{depth + 1}.0.in_layers.0.weight" in state,
+                num_classes=state[head].shape[0], channel_mult=mult, attention_ds=attention_ds)
+
+
+def _classifier_pairs(net: DhariwalEncoder) -> list[tuple[str, str, str]]:
+    """``(guided-diffusion prefix, our prefix, kind)`` for every layer of an ``EncoderUNetModel``."""
+    pairs = [("time_embed.0", "map_layer0", "plain"), ("time_embed.2", "map_layer1", "plain"),
+             ("input_blocks.0.0", "enc_conv", "plain"), ("out.0", "out_norm", "plain"),
+             ("out.2", "head", "pool") if net.pool == "attention" else ("out.3", "head", "linear")]
+    _encoder_pairs(pairs, net)
+    _block_pairs(pairs, "middle_block.0", "mid.0", net.mid[0], "middle_block.1")
+    _block_pairs(pairs, "middle_block.2", "mid.1", net.mid[1])
+    return pairs
+
+
+def load_classifier(path: pathlib.Path, *, map_location="cpu", **flags) -> tuple[DhariwalEncoder, dict]:
+    """A guided-diffusion noise-conditional classifier ``.pt`` (``128x128_classifier.pt``, ``256x256_classifier.pt``,
+    ...; ``create_classifier``'s ``EncoderUNetModel``) as our ``DhariwalEncoder`` (GroupNorm32, 64-channel heads),
+    in eval mode, and its settings under guided-diffusion's names.
+
+    The network is guided-diffusion's ``classifier(x_t, t)``: ``x_t`` in the DDPM frame of the diffusion model it
+    guides, ``t`` the 0..T-1 timestep: ``sampling.ClassifierGuidance(..., frame="x_t")`` with that model's DDPM.
+
+    Flags: guided-diffusion's ``classifier_defaults()`` keys (``CLASSIFIER_FLAGS``), pasted from the model card.
+    ``classifier_width``, ``classifier_depth``, ``classifier_attention_resolutions``, ``classifier_pool``,
+    ``classifier_use_scale_shift_norm``, ``classifier_resblock_updown`` and the number of classes are read off the
+    weights' shapes (a given flag that disagrees is an error naming both); ``image_size`` picks create_classifier's
+    ``channel_mult`` and is inferred when only one size fits; ``num_head_channels`` (64) is not in the shapes;
+    ``classifier_use_fp16`` is recorded only.
+    """
+    unknown = sorted(set(flags) - set(CLASSIFIER_FLAGS))
+    if unknown:
+        raise ValueError(f"format=adm_classifier: unknown flags {unknown}; allowed: {', '.join(CLASSIFIER_FLAGS)}")
+    flags = {**CLASSIFIER_FLAGS, **flags}
+    path = pathlib.Path(path)
+    state = read_classifier_state_dict(path, map_location)
+    shapes = infer_classifier_shapes(path, state, flags["image_size"])
+    for flag, value in flags.items():
+        if flag not in ("image_size", "num_head_channels", "classifier_use_fp16") and value is not None:
+            same = (set(_as_numbers(flag, value)) == set(_as_numbers(flag, shapes[flag]))) \
+                if flag == "classifier_attention_resolutions" else value == shapes[flag]
+            if not same:
+                raise ValueError(f"format=adm_classifier: flag {flag}={value!r} contradicts the weights in {path} "
+                                 f"({flag}={shapes[flag]!r} by their shapes)")
+    size, mult, width = shapes["image_size"], shapes["channel_mult"], shapes["classifier_width"]
+    heads = flags["num_head_channels"]
+    attn_widths = {int(width * mult[-1])} | {int(width * mult[ds.bit_length() - 1]) for ds in shapes["attention_ds"]}
+    if not isinstance(heads, int) or heads < 1 or any(w % heads for w in attn_widths):
+        raise ValueError(f"format=adm_classifier: num_head_channels={heads!r} is invalid for attention widths "
+                         f"{sorted(attn_widths)}; allowed: a positive divisor of every width")
+    net = DhariwalEncoder(
+        in_channels=state["input_blocks.0.0.weight"].shape[1], num_classes=shapes["num_classes"], resolution=size,
+        model_channels=width, channel_mult=mult, num_blocks=shapes["classifier_depth"],
+        attn_resolutions=tuple(size // ds for ds in shapes["attention_ds"]), channels_per_head=heads,
+        adaptive_scale=shapes["classifier_use_scale_shift_norm"], resblock_updown=shapes["classifier_resblock_updown"],
+        norm_groups=32, pool=shapes["classifier_pool"])
+    try:
+        net.load_state_dict(to_our_names(path, state, net, True, _classifier_pairs(net)), strict=True)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"format=adm_classifier: the weights in {path} do not fit the classifier the flags and "
+                         f"shapes describe ({err})") from None
+    settings = {**flags, **{k: v for k, v in shapes.items() if k in CLASSIFIER_FLAGS},
+                "num_classes": shapes["num_classes"]}
+    return net.eval(), settings

@@ -6,7 +6,9 @@
   sigma-frame ``x = y + sigma n`` (``Denoiser``, ``GaussianMixture`` or any outside model);
   ``cond={"labels": labels}`` passes conditioning.
 - ``x`` is the start noise already multiplied by ``sigmas[0]`` (``initial_noise``); ``sigmas`` is a
-  decreasing 1-D tensor ending in 0 (``schedules`` or ``formulation.sampling_sigmas``).
+  strictly decreasing 1-D tensor of levels >= 0 (``schedules`` or ``formulation.sampling_sigmas``); ending in 0 it
+  returns samples, ending at ``sigma_N > 0`` it returns the state at ``sigma_N`` (k-diffusion; ``annealed_langevin``
+  needs the 0).
 - ``generator``: None, a ``torch.Generator`` or per-sample generators (``PerSampleGenerator`` / a list),
   so that sample i depends only on its seed whatever the batch size.
 - ``denoiser.round_sigma`` (optional, e.g. ``Denoiser``'s): samplers snap the grid, and EDM's churned level,

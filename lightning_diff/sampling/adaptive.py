@@ -45,7 +45,8 @@ def rk45(denoiser, x, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, first_s
          generator=None, callback=None, stats=None, cond: dict | None = None,
          dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Adaptive Dormand-Prince 5(4) with per-sample step-size control from ``sigmas[0]`` to the smallest
-    non-zero ``sigmas[-2]``, then the Euler step to sigma = 0 (``x <- D``), as EDM's samplers end.
+    non-zero ``sigmas[-2]``, then the Euler step to sigma = 0 (``x <- D``), as EDM's samplers end; a grid ending at
+    ``sigmas[-1] > 0`` is integrated to that level and returned there, with no final step.
     The intermediate entries of ``sigmas`` are not used, and the stages evaluate the noise levels the step
     control picks: on a discrete formulation (``round_sigma`` not the identity) they lie between the
     network's levels, which fixed-grid samplers avoid.
@@ -74,7 +75,7 @@ def rk45(denoiser, x, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, first_s
     batch, device = x.shape[0], x.device
     view = (-1,) + (1,) * (x.ndim - 1)
     state = to_dtype(x, dtype)
-    sigma_end = grid[-2]
+    sigma_end = grid[-2] if grid[-1] == 0 else grid[-1]
     sigma = torch.full((batch,), grid[0], dtype=dtype, device=device)
     accepted = torch.zeros(batch, dtype=torch.long, device=device)
     rejected = torch.zeros_like(accepted)
@@ -136,5 +137,6 @@ def rk45(denoiser, x, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, first_s
             evaluate.report(attempts - 1, state, sigma.clone(), state - sigma.reshape(view) * k_first)
     if stats is not None:
         stats["accepted"], stats["rejected"] = accepted, rejected
-    state = state - sigma_end * k_first  # Euler step to sigma = 0: x - sigma (x - D) / sigma = D
+    if grid[-1] == 0:
+        state = state - sigma_end * k_first  # Euler step to sigma = 0: x - sigma (x - D) / sigma = D
     return state.to(x.dtype)

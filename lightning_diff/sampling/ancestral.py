@@ -13,12 +13,12 @@ import math
 import torch
 
 from .. import analytic_dpm
-from .core import Evaluator, check_choice, check_grid, to_dtype
+from .core import Evaluator, check_choice, check_grid, round_sigma_of, to_dtype
 from .noise import randn_like
 
 __all__ = ["ddim", "ddpm", "DDPM_VARIANCES"]
 
-DDPM_VARIANCES = ("fixed_small", "fixed_large", "analytic")
+DDPM_VARIANCES = ("fixed_small", "fixed_large", "analytic", "learned", "sn", "npr")
 
 
 def _denoise(evaluate: Evaluator, state, sigma, clip_denoised: bool):
@@ -73,7 +73,12 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
     Args:
         variance: ``fixed_small`` (posterior beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t),
             ``fixed_large`` (beta_t; Ho et al. Sec. 3.2) or ``analytic`` (Bao et al. 2022 Thm 1, clipped to Thm 2's
-            bounds: ``analytic_dpm.optimal_variances``; needs ``moments``).
+            bounds: ``analytic_dpm.optimal_variances``; needs ``moments``), ``sn`` / ``npr`` (Extended-Analytic-DPM,
+            Bao et al. ICML 2022: per element from the network's second-moment head, ``extended_analytic_dpm``) or
+            ``learned`` (Nichol & Dhariwal
+            2021 eq. 15: ``exp(v' log beta_t + (1 - v') log beta~_t)`` per element, ``v' = (v + 1) / 2`` from the
+            network's extra channels, ``denoiser.forward_with_variance``; beta_t and beta~_t of the step between
+            the two grid levels, i.e. re-derived on a strided grid as iDDPM's respacing does).
         moments: the score moments of this denoiser at every level of the grid (``analytic_dpm.estimate_moments``
             on training data; ``lightning-diff sample`` estimates and caches them); only with ``analytic``.
         clip_denoised: clamp x0_hat to [-1, 1] (Ho et al.'s and improved-diffusion's ``clip_denoised``);
@@ -85,7 +90,12 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
     grid = check_grid(sigmas, x, "ddpm", denoiser)
     check_choice("ddpm", "variance", variance, DDPM_VARIANCES)
     analytic = _analytic_variances(grid, variance, moments)
-    evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
+    learned = _VarianceHead(denoiser) if variance == "learned" else None
+    if variance in ("sn", "npr"):  # Extended-Analytic-DPM (Bao et al. ICML 2022); imported here: no import cycle
+        from ..extended_analytic_dpm import SecondMomentHead
+
+        learned = SecondMomentHead(denoiser, variance)
+    evaluate = Evaluator(denoiser if learned is None else learned, x, dtype, cond, stats, callback)
     state = to_dtype(x, dtype)
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         x0 = _denoise(evaluate, state, sigma, clip_denoised)
@@ -99,10 +109,34 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
         x_prev = mean
         if sigma_next > 0:
             small = (1 - abar_prev) / (1 - abar) * beta
-            var = analytic[i] if analytic is not None else (small if variance == "fixed_small" else beta)
-            x_prev = mean + math.sqrt(var) * randn_like(mean, generator)
+            if variance in ("sn", "npr"):
+                std = learned.variance(sigma, sigma_next).to(dtype).sqrt()
+            elif learned is not None:
+                frac = (learned.v.to(dtype) + 1) / 2  # Nichol & Dhariwal 2021 eq. 15
+                std = (0.5 * (frac * math.log(beta) + (1 - frac) * math.log(small))).exp()
+            else:
+                var = analytic[i] if analytic is not None else (small if variance == "fixed_small" else beta)
+                std = math.sqrt(var)
+            x_prev = mean + std * randn_like(mean, generator)
         state = x_prev / math.sqrt(abar_prev)
     return state.to(x.dtype)
+
+
+class _VarianceHead:
+    """``denoiser`` for ``ddpm variance=learned``: a call returns D and keeps the variance channels of the same
+    network pass in ``.v`` (``denoiser.forward_with_variance``); ``round_sigma`` passes through."""
+
+    def __init__(self, denoiser):
+        if not callable(getattr(denoiser, "forward_with_variance", None)):
+            raise ValueError(f"sampler=ddpm: variance='learned' needs a denoiser with a learned-variance head "
+                             f"(forward_with_variance: a Denoiser trained with objective=hybrid or vlb, or a "
+                             f"released learn_sigma model, or a guidance wrapper around one), got "
+                             f"{type(denoiser).__name__}; allowed: variance=fixed_small, fixed_large or analytic")
+        self.denoiser, self.round_sigma, self.v = denoiser, round_sigma_of(denoiser), None
+
+    def __call__(self, x, sigma, **cond):
+        D, self.v = self.denoiser.forward_with_variance(x, sigma, **cond)
+        return D
 
 
 def _analytic_variances(grid: list[float], variance: str, moments) -> list[float] | None:

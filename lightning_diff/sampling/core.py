@@ -4,7 +4,10 @@ denoiser in the solver's dtype, and counting network forward passes (NFE) into `
 Sampler contract (k-diffusion convention): ``fn(denoiser, x, sigmas, *, generator=None, callback=None,
 stats=None, **options) -> Tensor`` where ``denoiser(x, sigma, **cond)`` takes ``sigma`` as a ``[B]``
 tensor and returns the estimate of y in the sigma-frame ``x = y + sigma n``; ``x`` is the start noise
-already multiplied by ``sigmas[0]``; ``sigmas`` is a decreasing 1-D tensor that ends in 0.
+already multiplied by ``sigmas[0]``; ``sigmas`` is a strictly decreasing 1-D tensor of levels >= 0. A grid that
+ends in 0 returns samples (the last step lands on D); one that ends at ``sigma_N > 0`` returns the state at
+``sigma_N`` with no final denoising jump, as k-diffusion's samplers, so that a run from s0 to s1 followed by one
+from s1 to 0 is the run over the joined grid (docs/samplers.md#grids).
 
 Two optional denoiser attributes (looked up with ``getattr``; guidance wrappers pass them through):
 
@@ -45,10 +48,12 @@ def network_passes(denoiser: Callable, cond: dict) -> int:
     return 1 if count is None else count(cond)
 
 
-def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str, denoiser: Callable) -> list[float]:
-    """Validate ``sigmas`` (1-D, >= 2 entries, finite, strictly decreasing, last entry 0), snap it to the
-    denoiser's noise levels (``round_sigma_of(denoiser)``, EDM's ``round_sigma``; 0 stays 0) and return it
-    as a list of Python floats (exact float64 values, used for control flow without device syncs).
+def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str, denoiser: Callable,
+               ends_in_zero: bool = False) -> list[float]:
+    """Validate ``sigmas`` (1-D, >= 2 entries, finite, strictly decreasing, every entry >= 0; last entry 0 when
+    ``ends_in_zero``, for samplers whose last step must be the denoising one), snap it to the denoiser's noise
+    levels (``round_sigma_of(denoiser)``, EDM's ``round_sigma``; 0 stays 0) and return it as a list of Python
+    floats (exact float64 values, used for control flow without device syncs).
 
     Raises ``ValueError`` when snapping puts two entries on one level (a grid finer than the network's)."""
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
@@ -57,14 +62,17 @@ def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str, denoiser: Ca
     grid = sigmas.detach().to("cpu", torch.float64).tolist()
     if not all(map(lambda s: s == s and s != float("inf"), grid)):
         raise ValueError(f"sampler={sampler}: sigmas={grid} contains a non-finite value")
-    if grid[-1] != 0 or any(a <= b for a, b in zip(grid, grid[1:], strict=False)):
-        raise ValueError(f"sampler={sampler}: sigmas must be strictly decreasing and end in 0, got "
-                         f"{grid[:3]}...{grid[-2:]}")
+    if grid[-1] < 0 or any(a <= b for a, b in zip(grid, grid[1:], strict=False)):
+        raise ValueError(f"sampler={sampler}: sigmas={grid[:3]}...{grid[-2:]} is invalid; allowed: strictly "
+                         "decreasing noise levels >= 0")
+    if ends_in_zero and grid[-1] != 0:
+        raise ValueError(f"sampler={sampler}: sigmas ends at {grid[-1]}; allowed: a grid that ends in 0 "
+                         "(this sampler's last step is the denoising one)")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"sampler={sampler}: x must have a batch dimension, got shape {tuple(x.shape)}")
     snapped = round_sigma_of(denoiser)(torch.tensor(grid, dtype=torch.float64)).tolist()
     merged = [(a, b) for a, b, c, d in zip(grid, grid[1:], snapped, snapped[1:], strict=False) if c <= d]
-    if merged or snapped[-1] != 0:
+    if merged or (snapped[-1] == 0) != (grid[-1] == 0):
         raise ValueError(f"sampler={sampler}: sigmas snapped to the network's noise levels (denoiser.round_sigma) "
                          f"are not strictly decreasing: {merged[:3]} land on one level; allowed: at most one sigma "
                          "per network level (e.g. formulation.sampling_sigmas, or fewer steps)")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .core import network_passes, round_sigma_of
 
-__all__ = ["CFGDenoiser", "ClassifierGuidance", "CLASSIFIER_FRAMES"]
+__all__ = ["CFGDenoiser", "ClassifierGuidance", "CLASSIFIER_FRAMES", "classifier_inputs"]
 
 CLASSIFIER_FRAMES = ("x_t", "sigma")
 
@@ -79,20 +79,58 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
                  **cond) -> torch.Tensor:
         """Guided D ``[B, ...]``; unconditional when ``labels is None``."""
+        return self._guided(x, sigma, labels, cond, with_variance=False)[0]
+
+    def forward_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
+                              **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(guided D, v)`` for ``ddpm variance=learned``: the variance channels of the conditional pass, as
+        DiT's ``forward_with_cfg`` keeps them (``Denoiser.forward_with_variance``)."""
+        return self._guided(x, sigma, labels, cond, with_variance=True)
+
+    def _guided(self, x, sigma, labels, cond: dict, with_variance: bool):
+        """``(D, v or None)``: the guidance of ``__call__``, each pass through ``forward_with_variance`` when
+        ``with_variance``."""
+        def run(model, x, sigma, labels, **kw):
+            if with_variance:
+                return _forward_with_variance(model)(x, sigma, labels=labels, **kw)
+            return model(x, sigma, labels=labels, **kw), None
+
         if labels is None:
-            return (self.uncond_denoiser or self.denoiser)(x, sigma, labels=None, **cond)
+            return run(self.uncond_denoiser or self.denoiser, x, sigma, None, **cond)
         if self.scale == 1.0:
-            return self.denoiser(x, sigma, labels=labels, **cond)
+            return run(self.denoiser, x, sigma, labels, **cond)
         if self.uncond_denoiser is not None:  # a different network: two calls
-            conditional = self.denoiser(x, sigma, labels=labels, **cond)
-            unconditional = self.uncond_denoiser(x, sigma, labels=None, **cond)
+            conditional, variance = run(self.denoiser, x, sigma, labels, **cond)
+            unconditional, _ = run(self.uncond_denoiser, x, sigma, None, **cond)
         else:  # one batch: rows [0, B) conditional, [B, 2B) with the null label
             batch = x.shape[0]
             both_labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
-            both = self.denoiser(torch.cat([x, x]), _twice(sigma, batch), labels=both_labels,
-                                 **{key: _twice(value, batch) for key, value in cond.items()})
+            both, both_variance = run(self.denoiser, torch.cat([x, x]), _twice(sigma, batch), both_labels,
+                                      **{key: _twice(value, batch) for key, value in cond.items()})
             conditional, unconditional = both[:batch], both[batch:]
-        return torch.lerp(unconditional, conditional, self.scale)
+            variance = None if both_variance is None else both_variance[:batch]
+        return torch.lerp(unconditional, conditional, self.scale), variance
+
+
+def _forward_with_variance(model: Callable) -> Callable:
+    """``model.forward_with_variance``; ValueError naming the setting when the wrapped model has none."""
+    method = getattr(model, "forward_with_variance", None)
+    if not callable(method):
+        raise ValueError(f"variance='learned': the guided model {type(model).__name__} has no learned-variance "
+                         "head (forward_with_variance); allowed: variance=fixed_small, fixed_large or analytic")
+    return method
+
+
+def classifier_inputs(frame: str, formulation, x: torch.Tensor,
+                      sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs [B, ...], time [B])`` a classifier of ``frame`` takes for the sigma-frame ``x`` at ``sigma`` ``[B]``
+    (``ClassifierGuidance``; differentiable in x): ``(x, sigma)``, or ``(s(t) x, time)`` in the x_t frame. Training
+    a classifier with the same function (``lightning_diff.classifier``) keeps training and guidance in one frame."""
+    if frame == "sigma":
+        return x, sigma
+    t = formulation.t_of_sigma(sigma)
+    time = formulation.c_noise(sigma) if formulation.discrete else t
+    return formulation.s(t).reshape((-1,) + (1,) * (x.ndim - 1)) * x, time
 
 
 def _floating_dtype(module: Callable, default: torch.dtype) -> torch.dtype:
@@ -123,16 +161,17 @@ class ClassifierGuidance:
     passes are not network passes: ``network_passes`` is the denoiser's.
 
     Args:
-        denoiser: ``denoiser(x, sigma, labels=None, **cond)``; called with the same labels (pass a
-            conditional model, or an unconditional one that ignores labels).
+        denoiser: ``denoiser(x, sigma, labels=None, **cond)``; called with the same labels, or without them when
+            ``denoiser_labels=False`` (an unconditional model guided by the classifier alone).
         classifier: ``classifier(inputs, time) -> logits [B, num_classes]`` in ``frame``.
         scale: guidance scale s >= 0 (1 gives the exact class-conditional score for an exact classifier).
         frame: ``"x_t"`` or ``"sigma"`` (above).
         formulation: the ``Formulation`` of the ``"x_t"`` frame; default ``denoiser.formulation``.
+        denoiser_labels: pass the labels to the denoiser (False: it is unconditional).
     """
 
     def __init__(self, denoiser: Callable, classifier: Callable, scale: float = 1.0, *, frame: str,
-                 formulation=None):
+                 formulation=None, denoiser_labels: bool = True):
         if not isinstance(scale, (int, float)) or not scale >= 0:
             raise ValueError(f"ClassifierGuidance: scale={scale!r} is invalid; allowed: a number >= 0")
         if frame not in CLASSIFIER_FRAMES:
@@ -143,28 +182,19 @@ class ClassifierGuidance:
             raise ValueError("ClassifierGuidance: frame='x_t' needs the formulation (its s(t) and time); "
                              "allowed: formulation=<Formulation> or a Denoiser, which carries one")
         self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
-        self.frame, self.formulation = frame, formulation
+        self.frame, self.formulation, self.denoiser_labels = frame, formulation, denoiser_labels
         self.round_sigma = round_sigma_of(denoiser)
 
     def network_passes(self, cond: dict) -> int:
         """Network forward passes per sample of one call: the denoiser's (the classifier is not counted)."""
-        return network_passes(self.denoiser, cond)
-
-    def _classifier_inputs(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs [B, ...], time [B])`` of the classifier in its frame, differentiable in x."""
-        if self.frame == "sigma":
-            return x, sigma
-        fm = self.formulation
-        t = fm.t_of_sigma(sigma)
-        time = fm.c_noise(sigma) if fm.discrete else t
-        return fm.s(t).reshape((-1,) + (1,) * (x.ndim - 1)) * x, time
+        return network_passes(self.denoiser, cond if self.denoiser_labels else {**cond, "labels": None})
 
     def log_prob_grad(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``grad_x log p(labels | x; sigma)`` w.r.t. the sigma-frame ``x``, ``[B, ...]`` in x's dtype."""
         dtype = _floating_dtype(self.classifier, x.dtype)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            inputs, time = self._classifier_inputs(xg, sigma)
+            inputs, time = classifier_inputs(self.frame, self.formulation, xg, sigma)
             logits = self.classifier(inputs.to(dtype), time.to(torch.promote_types(dtype, torch.float32)))
             log_probs = torch.log_softmax(logits.to(x.dtype), dim=-1)
             selected = log_probs.gather(1, labels.reshape(-1, 1).long()).sum()
@@ -174,7 +204,19 @@ class ClassifierGuidance:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
                  **cond) -> torch.Tensor:
         """Guided D ``[B, ...]``; no guidance when ``labels is None``."""
-        denoised = self.denoiser(x, sigma, labels=labels, **cond)
+        return self._guide(self.denoiser(x, sigma, labels=labels if self.denoiser_labels else None, **cond),
+                           x, sigma, labels)
+
+    def forward_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
+                              **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(guided D, v)`` for ``ddpm variance=learned``: the classifier shifts the mean only (Dhariwal & Nichol
+        2021, Algorithm 1), the variance channels are the denoiser's."""
+        denoised, variance = _forward_with_variance(self.denoiser)(
+            x, sigma, labels=labels if self.denoiser_labels else None, **cond)
+        return self._guide(denoised, x, sigma, labels), variance
+
+    def _guide(self, denoised: torch.Tensor, x: torch.Tensor, sigma, labels) -> torch.Tensor:
+        """``denoised + sigma^2 s grad log p(labels | x; sigma)``; ``denoised`` when unguided."""
         if labels is None or self.scale == 0:
             return denoised
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])

@@ -55,7 +55,7 @@ def annealed_langevin(denoiser, x, sigmas, *, step_size: float = 2e-5, steps_per
     Returns:
         ``[B, ...]`` samples.
     """
-    grid = check_grid(sigmas, x, "annealed_langevin", denoiser)
+    grid = check_grid(sigmas, x, "annealed_langevin", denoiser, ends_in_zero=True)
     if not isinstance(step_size, (int, float)) or not step_size > 0:
         raise ValueError(f"sampler=annealed_langevin: step_size={step_size!r} is invalid; "
                          "allowed: a number > 0")

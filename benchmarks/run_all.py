@@ -1,0 +1,65 @@
+"""``make bench``: run every performance benchmark in turn and print one table of ratios against the
+baselines of issue 14 (benchmarks/README.md records a run with its machine).
+
+Each benchmark runs as its own process (its full output is echoed); the ratios are read from the lines it
+prints. ``--quick`` passes ``--quick`` to each (a smoke run: the numbers mean nothing).
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py [--quick] [--compile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+X = r"([0-9.]+)x"
+# benchmark -> [(what, regex with the ratio as group 1, target)]
+ROWS = {
+    "training.py": [
+        ("EMA update, fused vs AveragedModel (toy2d)", r"EMA update, toy2d .*\(" + X, ">= 1"),
+        ("EMA update, fused vs AveragedModel (DDPM++ 56M)", r"EMA update, ddpmpp_cifar10 .*\(" + X, ">= 1"),
+        ("Lightning + EMA vs plain loop (toy2d steps/s)", r"\| Lightning \+ EMA .*\| +([0-9.]+) \|$", ">= 0.97"),
+        ("Lightning, no EMA vs plain loop", r"\| Lightning, no EMA .*\| +([0-9.]+) \|$", "-"),
+        ("real loader vs in-memory batch (steps/s)", r"data loading .*\(([0-9.]+)\)", ">= 0.95"),
+        ("torch.compile step speed-up", r"torch.compile .*\(" + X, "report"),
+    ],
+    "metrics.py": [("FID throughput vs torch-fidelity calculate_metrics", r"ratio " + X, ">= 1.5")],
+    "sampling_speed.py": [
+        ("heun float64 (default) vs k-diffusion sample_heun", r"ours heun, float64 state \(default\) .* " + X, ">= 1"),
+        ("heun float32 vs k-diffusion sample_heun", r"ours heun, float32 state .* " + X, ">= 1"),
+        ("DiffusionModule.sample vs k-diffusion sample_heun", r"ours DiffusionModule.sample .* " + X, ">= 1"),
+        ("ddim float64 (default) vs diffusers DDIMPipeline", r"ours ddim, float64 state \(default\) .* " + X, ">= 1"),
+        ("ddim float32 vs diffusers DDIMPipeline", r"ours ddim, float32 state .* " + X, ">= 1"),
+        ("CFG run / two unguided runs (time)", r"CFG cost: " + X, "<= 1.05"),
+    ],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time module.compile (minutes on a CPU)")
+    args = parser.parse_args()
+    table = []
+    for script, rows in ROWS.items():
+        extra = (["--quick"] if args.quick else []) + (["--compile"] if args.compile and script == "training.py"
+                                                         else [])
+        print(f"=== {script} {' '.join(extra)}", flush=True)
+        done = subprocess.run([sys.executable, str(HERE / script), *extra], capture_output=True, text=True)
+        print(done.stdout, flush=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{script} failed (exit {done.returncode})")
+        for what, pattern, target in rows:
+            found = re.search(pattern, done.stdout, re.MULTILINE)
+            table.append((script, what, found.group(1) if found else "not run", target))
+    print("| benchmark | measure | ratio | target |\n|---|---|---|---|")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""``lightning-diff leaderboard runs=[...] out=DIR metric=fid``: result records ranked by protocol
+(``configs/leaderboard.yaml``, docs/leaderboard.md).
+
+Reads the records of ``lightning-diff evaluate`` and the training metric callbacks
+(``lightning_diff.evaluation.records``: ``eval-*.json``) from run folders, globs, record files and Hydra multirun
+folders (sweeps, Optuna's included), and from W&B projects or sweeps through the public API (``wandb=``). Rows
+are grouped by measurement protocol (reference set, feature extractor, images per seed set, seed sets, rounding;
+for bits/dim: split, images, dequantization offset): only rows of one group share a ranking, and the output
+says which protocol fields tell the groups apart. The published figures of ``configs/leaderboard/published.yaml``
+sit in the group of their protocol; a row "reproduces" one when its protocol matches the published one and the
+value lies within the stated tolerance. Unusable input (no record, a partial or corrupt one, a duplicate, other
+reference statistics than its group's) is listed by name under "skipped". Writes ``leaderboard.md``,
+``leaderboard.csv`` and a self-contained, sortable ``leaderboard.html`` with figures (metric vs NFE, metric vs
+training images) embedded as PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import glob
+import html
+import io
+import json
+import re
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .config import CONFIG_DIR
+from .evaluation.records import RECORD_VERSION, RecordError, read_record
+
+__all__ = ["DIRECTIONS", "CSV_COLUMNS", "Leaderboard", "collect", "build", "write_outputs", "leaderboard", "main"]
+
+DIRECTIONS = {"fid": "min", "kid_mean": "min", "bpd": "min", "vlb_bpd": "min", "is_mean": "max", "precision": "max",
+              "recall": "max"}  # better direction of each metric a record holds
+_LIKELIHOOD = {"bpd": "bpd", "vlb_bpd": "vlb"}  # metric -> protocol section; the rest are in "samples"
+_UNCERTAIN = {"fid": "fid", "kid_mean": "kid"}  # metric -> its uncertainty block in a record
+CSV_COLUMNS = ["group", "rank", "name", "kind", "formulation", "sampler", "steps", "nfe", "weights", "guidance",
+               "metric", "value", "mean", "min", "spread", "std", "seed_sets", "training_images", "reproduces",
+               "citation", "command", "source"]
+
+
+@dataclass
+class Group:
+    protocol: dict  # the fields that must match for values to compare
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Leaderboard:
+    metric: str
+    direction: str
+    groups: list[Group]
+    skipped: list[tuple[str, str]]  # (input, reason)
+    sweeps: list[dict]
+    differing: list[str]  # protocol fields whose values differ between groups
+
+
+# ---------------------------------------------------------------- inputs
+
+def _is_sweep(folder: Path) -> bool:
+    return (folder / "multirun.yaml").is_file() or any(folder.glob("*/.hydra/overrides.yaml"))
+
+
+def _records_in(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("eval-*.json"))
+
+
+def collect(runs: Iterable[str], skipped: list) -> tuple[list[dict], list[dict]]:
+    """Records and sweeps of the ``runs`` inputs (folders, globs, record files, multirun folders); an input with
+    no record or an unreadable record is appended to ``skipped`` as ``(name, reason)``."""
+    records, sweeps = [], []
+    for item in runs:
+        paths = [Path(p) for p in sorted(glob.glob(str(item), recursive=True))] or [Path(item)]
+        for path in paths:
+            if path.is_file():
+                files = [path]
+            elif path.is_dir():
+                files = _records_in(path)
+                if _is_sweep(path):
+                    sweeps.append(_hydra_sweep(path))
+            else:
+                skipped.append((str(item), "no such file or folder"))
+                continue
+            if not files:
+                skipped.append((str(path), "no record (eval-*.json): run lightning-diff evaluate ckpt=... on it"))
+            for file in files:
+                try:
+                    records.append(read_record(file))
+                except RecordError as err:
+                    skipped.append((str(file), str(err)))
+    return records, sweeps
+
+
+def _hydra_sweep(folder: Path) -> dict:
+    """The jobs of a Hydra multirun folder: ``{"dir", "jobs": [{"dir", "overrides": {key: value}}], "optuna"}``
+    (``optuna``: the sweeper's ``optimization_results.yaml`` when there is one)."""
+    jobs = []
+    for file in sorted(folder.glob("*/.hydra/overrides.yaml"), key=lambda p: (len(p.parts[-3]), p.parts[-3])):
+        pairs = [o.split("=", 1) for o in yaml.safe_load(file.read_text()) or [] if "=" in o]
+        jobs.append({"dir": str(file.parent.parent), "overrides": {k.lstrip("+~"): v for k, v in pairs}})
+    optuna = folder / "optimization_results.yaml"
+    return {"dir": str(folder), "jobs": jobs,
+            "optuna": yaml.safe_load(optuna.read_text()) if optuna.is_file() else None}
+
+
+def collect_wandb(sources: Iterable[str], api, skipped: list) -> tuple[list[dict], list[dict]]:
+    """Records in the summaries (``records/<key>``) of the runs of W&B projects ``entity/project`` or sweeps
+    ``entity/project/sweeps/<id>``, through the public API object ``api`` (``wandb.Api()``)."""
+    records, sweeps = [], []
+    for source in sources:
+        try:
+            if "/sweeps/" in source:
+                sweep = api.sweep(source.replace("/sweeps/", "/"))
+                runs = list(sweep.runs)
+                params = sorted((sweep.config or {}).get("parameters", {}))
+                sweeps.append({"dir": f"wandb:{source}", "optuna": None, "jobs": [
+                    {"dir": f"wandb:{'/'.join(run.path)}", "overrides": {p: _select(run.config, p) for p in params}}
+                    for run in runs]})
+            else:
+                runs = list(api.runs(source))
+        except Exception as err:  # the API's errors (network, permission, unknown project) vary by version
+            skipped.append((f"wandb:{source}", f"W&B public API: {type(err).__name__}: {err}"))
+            continue
+        for run in runs:
+            found = {k: v for k, v in dict(run.summary).items() if k.startswith("records/") and isinstance(v, Mapping)}
+            if not found:
+                skipped.append((f"wandb:{'/'.join(run.path)}", "no record in the run summary (records/<key>)"))
+            for key, value in found.items():
+                name = f"wandb:{'/'.join(run.path)}/{key}"
+                if value.get("record_version") != RECORD_VERSION:
+                    skipped.append((name, f"record_version={value.get('record_version')!r}; allowed: {RECORD_VERSION}"))
+                    continue
+                records.append({**json.loads(json.dumps(dict(value), default=str)), "path": name,
+                                "run": {**value.get("run", {}), "dir": f"wandb:{'/'.join(run.path)}"}})
+    return records, sweeps
+
+
+def _select(config: Mapping, dotted: str):
+    """``config["a"]["b"]`` for ``"a.b"`` (W&B nests Hydra configs), else ``config["a.b"]``."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return config.get(dotted)
+        node = node[part]
+    return node
+
+
+# ---------------------------------------------------------------- protocol and rows
+
+def _reference_name(reference) -> str:
+    """``digits-train-8px`` of the cache key ``digits-train-8px-<extractor>``; a published file's name."""
+    if isinstance(reference, Mapping):
+        return Path(str(reference.get("published", ""))).name
+    match = re.match(r"^(.*?-\d+px)-", str(reference))
+    return match.group(1) if match else str(reference)
+
+
+def protocol_of(record: Mapping, metric: str) -> dict:
+    """The fields that must be equal for two values of ``metric`` to compare."""
+    protocol = record["protocol"]
+    if metric in _LIKELIHOOD:
+        p = protocol[_LIKELIHOOD[metric]]
+        return {"split": p.get("split"), "num_images": p.get("num_images"), "dequantization": p.get("dequantization"),
+                "bpd_offset": p.get("bpd_offset")}
+    s = protocol["samples"]
+    return {"reference": _reference_name(s.get("reference")), "extractor": s.get("extractor"),
+            "num_images": s.get("num_images"), "seed_sets": s.get("seed_sets"), "rounding": s.get("rounding")}
+
+
+def _row(record: Mapping, metric: str) -> dict:
+    samples = record["protocol"].get("samples", {})
+    sampler = samples.get("sampler", {})
+    spread = record.get("uncertainty", {}).get(_UNCERTAIN.get(metric, ""), {})
+    run = record["run"]
+    nfe = samples.get("nfe") if metric not in _LIKELIHOOD else record["protocol"][_LIKELIHOOD[metric]].get("nfe")
+    return {"rank": None, "name": run.get("name") or Path(str(run.get("dir"))).name, "kind": record["kind"],
+            "formulation": run.get("formulation"), "sampler": sampler.get("name"), "steps": sampler.get("steps"),
+            "nfe": nfe, "weights": record["protocol"].get("weights"), "guidance": sampler.get("guidance"),
+            "metric": metric, "value": record["metrics"][metric], "mean": spread.get("mean"),
+            "min": spread.get("min"), "spread": spread.get("spread"), "std": spread.get("std"),
+            "seed_sets": samples.get("seed_sets"), "training_images": run.get("training_images"),
+            "reproduces": "", "citation": "", "command": record["provenance"].get("command"),
+            "source": record["path"], "run_dir": run.get("dir"), "experiment": run.get("experiment")}
+
+
+def _published_rows(entries: Sequence[Mapping], metric: str) -> list[tuple[dict, dict]]:
+    """``(protocol, row)`` of each published entry that reports ``metric``."""
+    out = []
+    for e in entries:
+        if metric not in e.get("metrics", {}):
+            continue
+        p = dict(e.get("protocol", {}))
+        row = {"rank": None, "name": e["id"], "kind": "published", "formulation": e.get("paper"),
+               "sampler": p.get("sampler"), "steps": p.get("steps"), "nfe": p.get("nfe"), "weights": p.get("weights"),
+               "guidance": p.get("guidance"), "metric": metric, "value": float(e["metrics"][metric]), "mean": None,
+               "min": None, "spread": None, "std": None, "seed_sets": p.get("seed_sets"), "training_images": None,
+               "reproduces": "", "citation": f"{e['citation']}, {e['table']}", "command": None,
+               "source": "configs/leaderboard/published.yaml", "run_dir": None, "experiment": e.get("preset"),
+               "tolerance": (e.get("tolerance") or {}).get(metric)}
+        out.append((p, row))
+    return out
+
+
+def _matches(published: Mapping, ours: Mapping) -> bool:
+    """True when every protocol field the published entry states equals ours (a list: any of its values; an
+    extractor without ``@hash`` matches any weights of that extractor)."""
+    for key, value in published.items():
+        mine = ours.get(key)
+        if key == "extractor" and "@" not in str(value):
+            mine = str(mine).split("@")[0]
+        allowed = value if isinstance(value, list) else [value]
+        if value is not None and key in ours and mine != value and mine not in allowed:
+            return False
+    return True
+
+
+def build(records: Sequence[dict], metric: str, *, published: Sequence[Mapping] = (), direction: str = "auto",
+          skipped: list | None = None, sweeps: Sequence[dict] = ()) -> Leaderboard:
+    """Group ``records`` by protocol, rank each group by ``metric``, place and match the published rows.
+
+    Args:
+        records: as ``read_record`` returns them; metric: a key of a record's ``metrics`` (``fid``, ``is_mean``,
+        ``kid_mean``, ``precision``, ``recall``, ``bpd``, ``vlb_bpd``); published: entries of
+        ``configs/leaderboard/published.yaml``; direction: ``min``, ``max`` or ``auto`` (``DIRECTIONS``);
+        skipped: ``(input, reason)`` pairs so far; sweeps: as ``collect`` returns them.
+    """
+    if direction == "auto":
+        if metric not in DIRECTIONS:
+            raise ValueError(f"metric={metric!r} has no known direction; allowed: {', '.join(DIRECTIONS)}, or set "
+                             "direction=min|max")
+        direction = DIRECTIONS[metric]
+    if direction not in ("min", "max"):
+        raise ValueError(f"direction={direction!r} is invalid; allowed: auto, min, max")
+    skipped = list(skipped or [])
+    seen, usable = {}, []
+    for record in sorted(records, key=lambda r: r["path"]):
+        if metric not in record["metrics"]:
+            skipped.append((record["path"], f"no {metric} in this record (it has {', '.join(record['metrics'])})"))
+            continue
+        run = record["run"]
+        identity = (run.get("checkpoint") or run.get("dir"), record["kind"], record["provenance"].get("config_hash"),
+                    run.get("training_step"))
+        if identity in seen:
+            skipped.append((record["path"], f"a second record of the same run and settings as {seen[identity]}"))
+            continue
+        try:
+            key = protocol_of(record, metric)
+        except (KeyError, TypeError) as err:
+            skipped.append((record["path"], f"partial record: its protocol lacks {err}"))
+            continue
+        seen[identity] = record["path"]
+        usable.append((key, record))
+    usable = _drop_other_statistics(usable, metric, skipped)
+    groups: list[Group] = []
+    for key, record in usable:
+        group = next((g for g in groups if g.protocol == key), None)
+        if group is None:
+            group = Group(key)
+            groups.append(group)
+        group.rows.append(_row(record, metric))
+    for protocol, row in _published_rows(published, metric):
+        group = next((g for g in groups if _matches(protocol, g.protocol)), None)
+        if group is None:
+            group = Group({k: protocol.get(k) for k in protocol if k not in ("sampler", "steps", "nfe", "weights",
+                                                                                 "guidance")})
+            groups.append(group)
+        for ours in group.rows:
+            close = row["tolerance"] is not None and abs(ours["value"] - row["value"]) <= row["tolerance"]
+            same_method = all(protocol.get(k) in (None, ours.get(k)) for k in ("sampler", "nfe", "weights"))
+            same_preset = row["experiment"] is None or ours["experiment"] == row["experiment"]
+            if ours["kind"] != "published" and close and same_method and same_preset:
+                ours["reproduces"] = row["name"]
+        group.rows.append(row)
+    sign = 1 if direction == "min" else -1
+    for group in groups:
+        group.rows.sort(key=lambda r: (sign * r["value"], r["kind"] == "published", r["name"]))
+        rank = 0
+        for row in group.rows:
+            if row["kind"] != "published":
+                rank += 1
+                row["rank"] = rank
+    groups.sort(key=lambda g: -sum(r["kind"] != "published" for r in g.rows))
+    keys = sorted({k for g in groups for k in g.protocol})
+    differing = [k for k in keys if len({json.dumps(g.protocol.get(k), default=str) for g in groups}) > 1]
+    return Leaderboard(metric, direction, groups, skipped, [_sweep_table(s, usable, metric, direction) for s in sweeps],
+                       differing)
+
+
+def _drop_other_statistics(usable: list, metric: str, skipped: list) -> list:
+    """Within each reference set, keep the records scored against the most common statistics (SHA-256) and
+    skip the others by name: the same reference name with other statistics does not compare."""
+    if metric in _LIKELIHOOD:
+        return usable
+    digest = {id(r): r["protocol"]["samples"].get("reference_sha256") for _, r in usable}
+    common = {}
+    for name in {k["reference"] for k, _ in usable}:
+        counts = Counter(digest[id(r)] for k, r in usable if k["reference"] == name and digest[id(r)])
+        common[name] = counts.most_common(1)[0][0] if counts else None
+    kept = []
+    for key, record in usable:
+        want, have = common[key["reference"]], digest[id(record)]
+        if want is not None and have is not None and have != want:
+            skipped.append((record["path"], f"computed against other reference statistics for {key['reference']} "
+                                            f"(SHA-256 {have[:12]}; the other results: {want[:12]})"))
+        else:
+            kept.append((key, record))
+    return kept
+
+
+def _sweep_table(sweep: Mapping, usable: list, metric: str, direction: str) -> dict:
+    """The jobs of a sweep with the swept parameters (overrides whose value differs between jobs) as columns,
+    each job's value (its final record: the highest training step, an ``evaluate`` record first), the best job
+    and the command that reruns it."""
+    jobs = sweep["jobs"]
+    keys = sorted({k for j in jobs for k in j["overrides"]})
+    swept = [k for k in keys if len({str(j["overrides"].get(k)) for j in jobs}) > 1 or len(jobs) == 1]
+    if sweep.get("optuna"):
+        swept = sorted(set(swept) | set(sweep["optuna"].get("best_params", {})))
+    rows = []
+    for job in jobs:
+        inside = [r for _, r in usable if str(r["run"].get("dir")) == job["dir"]
+                  or str(r["path"]).startswith(job["dir"] + "/")]
+        final = max(inside, key=lambda r: (r["kind"] == "evaluate", r["run"].get("training_step") or 0), default=None)
+        rows.append({"job": Path(job["dir"]).name, **{k: job["overrides"].get(k) for k in swept},
+                     "value": None if final is None else final["metrics"][metric],
+                     "command": "lightning-diff train " + " ".join(shlex.quote(f"{k}={v}")
+                                                                   for k, v in job["overrides"].items())})
+    scored = [r for r in rows if r["value"] is not None]
+    best = (min if direction == "min" else max)(scored, key=lambda r: r["value"]) if scored else None
+    return {"dir": sweep["dir"], "params": swept, "rows": rows, "best": best, "optuna": sweep.get("optuna")}
+
+
+# ---------------------------------------------------------------- outputs
+
+def _fmt(value) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _protocol_text(protocol: Mapping) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in protocol.items())
+
+
+_MD_COLUMNS = ["rank", "name", "formulation", "sampler", "nfe", "weights", "value", "spread", "training_images",
+               "reproduces", "citation"]
+
+
+def to_markdown(board: Leaderboard) -> str:
+    better = "lower" if board.direction == "min" else "higher"
+    lines = [f"# Leaderboard: {board.metric} ({better} is better)", ""]
+    if board.differing:
+        lines += [f"Groups differ in: {', '.join(board.differing)}. Ranks compare rows of one group only.", ""]
+    for i, group in enumerate(board.groups, 1):
+        lines += [f"## Group {i}: {_protocol_text(group.protocol)}", "",
+                  "| " + " | ".join(c if c != "value" else board.metric for c in _MD_COLUMNS) + " |",
+                  "|" + "---|" * len(_MD_COLUMNS)]
+        for row in group.rows:
+            cells = [_fmt(row.get(c)) if row.get("kind") != "published" or c != "rank" else "published"
+                     for c in _MD_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for sweep in board.sweeps:
+        lines += _sweep_markdown(sweep, board.metric)
+    lines += ["## Skipped", ""] + ([f"- `{name}`: {reason}" for name, reason in board.skipped] or ["(none)"])
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_markdown(sweep: Mapping, metric: str) -> list[str]:
+    cols = ["job", *sweep["params"], "value"]
+    lines = [f"## Sweep {sweep['dir']}", "", "| " + " | ".join(c if c != "value" else metric for c in cols) + " |",
+             "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in sweep["rows"]]
+    if sweep["best"] is not None:
+        lines += ["", f"Best: job {sweep['best']['job']} ({metric} {_fmt(sweep['best']['value'])}); rerun: "
+                      f"`{sweep['best']['command']}`"]
+    if sweep.get("optuna"):
+        lines += [f"Optuna: best_params {sweep['optuna'].get('best_params')}, best_value "
+                  f"{_fmt(sweep['optuna'].get('best_value'))}"]
+    return lines + [""]
+
+
+def csv_rows(board: Leaderboard) -> list[dict]:
+    """One dict per row (``CSV_COLUMNS``; ``group`` numbered from 1), in the order of the tables."""
+    return [{"group": i, **{c: row.get(c) for c in CSV_COLUMNS if c != "group"}}
+            for i, group in enumerate(board.groups, 1) for row in group.rows]
+
+
+def _figure(points: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, logx: bool) -> str:
+    """A line per series as a base64 PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, xy in sorted(points.items()):
+        xy = sorted(xy)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def figures(board: Leaderboard) -> list[tuple[str, str]]:
+    """``(title, base64 PNG)``: per group, the metric vs NFE (a line per run) and vs training images (a line per
+    run folder), for the rows that have them."""
+    out = []
+    for i, group in enumerate(board.groups, 1):
+        ours = [r for r in group.rows if r["kind"] != "published"]
+        by_nfe, by_images = {}, {}
+        for r in ours:
+            if r["nfe"] is not None:
+                by_nfe.setdefault(f"{r['name']} ({r['sampler']})", []).append((float(r["nfe"]), r["value"]))
+            if r["training_images"] is not None:
+                by_images.setdefault(str(r["name"]), []).append((float(r["training_images"]), r["value"]))
+        if by_nfe:
+            out.append((f"Group {i}: {board.metric} vs NFE", _figure(by_nfe, "NFE", board.metric, False)))
+        if by_images:
+            out.append((f"Group {i}: {board.metric} vs training images",
+                        _figure(by_images, "training images", board.metric, False)))
+    return out
+
+
+_SCRIPT = """
+function sortTable(th){const table=th.closest('table'),body=table.tBodies[0],i=[...th.parentNode.children].indexOf(th);
+const asc=th.dataset.order!=='asc';th.dataset.order=asc?'asc':'desc';
+const key=r=>{const t=r.children[i].textContent.trim(),n=parseFloat(t);return isNaN(n)?t:n};
+[...body.rows].sort((a,b)=>{const x=key(a),y=key(b);const c=(typeof x==='number'&&typeof y==='number')?x-y:
+String(x).localeCompare(String(y));return asc?c:-c}).forEach(r=>body.appendChild(r));}
+"""
+
+
+def to_html(board: Leaderboard, title: str, with_figures: bool = True) -> str:
+    """A self-contained page: a sortable table per group (click a header), sweeps, skipped, embedded figures."""
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1em}"
+             "td,th{border:1px solid #bbb;padding:3px 6px;font-size:13px}th{cursor:pointer;background:#eee}"
+             "tr.published{font-style:italic;background:#f6f6ff}</style>"
+             f"<script>{_SCRIPT}</script></head><body><h1>{e(title)}</h1>",
+             f"<p>Metric: <b>{e(board.metric)}</b> ({'lower' if board.direction == 'min' else 'higher'} is better)."
+             + (f" Groups differ in: {e(', '.join(board.differing))}." if board.differing else "") + "</p>"]
+    columns = [c for c in CSV_COLUMNS if c not in ("group", "metric")]
+    for i, group in enumerate(board.groups, 1):
+        parts.append(f"<h2>Group {i}</h2><p class='protocol'>{e(_protocol_text(group.protocol))}</p>"
+                     f"<table class='sortable' id='group-{i}'><thead><tr>"
+                     + "".join(f"<th onclick='sortTable(this)'>{e(board.metric if c == 'value' else c)}</th>"
+                               for c in columns) + "</tr></thead><tbody>")
+        for row in group.rows:
+            cls = " class='published'" if row["kind"] == "published" else ""
+            parts.append(f"<tr{cls}>" + "".join(f"<td>{e(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>")
+        parts.append("</tbody></table>")
+    if with_figures:
+        for name, png in figures(board):
+            parts.append(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{png}'><figcaption>{e(name)}"
+                         "</figcaption></figure>")
+    for sweep in board.sweeps:
+        cols = ["job", *sweep["params"], "value", "command"]
+        parts.append(f"<h2>Sweep {e(sweep['dir'])}</h2><table class='sortable'><thead><tr>"
+                     + "".join(f"<th onclick='sortTable(this)'>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>"
+                     + "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+                               for r in sweep["rows"]) + "</tbody></table>")
+        if sweep["best"] is not None:
+            parts.append(f"<p>Best: job {e(str(sweep['best']['job']))}; rerun: <code>{e(sweep['best']['command'])}"
+                         "</code></p>")
+    parts.append("<h2>Skipped</h2><ul id='skipped'>"
+                 + "".join(f"<li><code>{e(n)}</code>: {e(r)}</li>" for n, r in board.skipped) + "</ul></body></html>")
+    return "\n".join(parts)
+
+
+def write_outputs(board: Leaderboard, out: str | Path, title: str = "lightning-diff leaderboard",
+                  with_figures: bool = True) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.html`` into ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"leaderboard.{k}" for k in ("md", "csv", "html")}
+    paths["md"].write_text(to_markdown(board))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(board))
+    paths["html"].write_text(to_html(board, title, with_figures))
+    return paths
+
+
+def log_wandb_table(board: Leaderboard, run) -> None:
+    """Log the rows as the W&B Table ``leaderboard`` of ``run`` (report-ready: one row per result)."""
+    import wandb
+
+    rows = csv_rows(board)
+    run.log({"leaderboard": wandb.Table(columns=CSV_COLUMNS, data=[[_fmt(r[c]) for c in CSV_COLUMNS] for r in rows])})
+
+
+# ---------------------------------------------------------------- entry point
+
+def leaderboard(cfg: DictConfig, wandb_api=None) -> dict:
+    """Run ``configs/leaderboard.yaml``: collect, build, write. ``wandb_api``: the W&B public API object (None:
+    ``wandb.Api()`` when ``cfg.wandb`` names sources). Returns ``{"board", "paths"}``."""
+    runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs or [])
+    sources = [cfg.wandb] if isinstance(cfg.wandb, str) else list(cfg.wandb or [])
+    if not runs and not sources:
+        raise ValueError("runs=[] and wandb=[] name no input; allowed: runs=[folder|glob|eval-*.json|multirun folder] "
+                         "and/or wandb=[entity/project|entity/project/sweeps/<id>]")
+    skipped: list = []
+    records, sweeps = collect(runs, skipped)
+    if sources:
+        import wandb
+
+        more, more_sweeps = collect_wandb(sources, wandb_api or wandb.Api(), skipped)
+        records, sweeps = records + more, sweeps + more_sweeps
+    published = OmegaConf.to_container(cfg.leaderboard, resolve=True)["entries"] if cfg.get("leaderboard") else []
+    board = build(records, cfg.metric, published=published, direction=cfg.direction, skipped=skipped,
+                  sweeps=sweeps)
+    paths = write_outputs(board, cfg.out, cfg.title, cfg.figures)
+    if cfg.wandb_table:
+        import wandb
+
+        run = wandb.init(project=cfg.wandb_table, job_type="leaderboard")
+        log_wandb_table(board, run)
+        run.finish()
+    return {"board": board, "paths": paths}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="leaderboard")
+def main(cfg: DictConfig) -> None:
+    result = leaderboard(cfg)
+    print(to_markdown(result["board"]))
+    print("written: " + ", ".join(str(p) for p in result["paths"].values()))
+
+
+if __name__ == "__main__":
+    main()
