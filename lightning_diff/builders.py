@@ -131,9 +131,8 @@ def load_module(ckpt_path: str, weights: str = "ema", map_location="cpu",
     make_module = hydra.utils.instantiate(cfg.module, _partial_=True)
     module = make_module(network=network, formulation=hydra.utils.instantiate(cfg.formulation), data_shape=shape,
                          num_classes=num_classes, run_config=run_config,
+                         grid=checkpoint.get("distillation", {}).get("sigmas"),  # a distilled student's levels
                          data_transform=None if transform is None else DataTransform(**transform))
-    if "distillation" in checkpoint:  # a student of lightning-diff distill: the levels it was distilled for
-        module.grid = torch.tensor(checkpoint["distillation"]["sigmas"], dtype=torch.float64)
     return module.load_weights(checkpoint, weights).eval()
 
 

@@ -196,6 +196,8 @@ class DiffusionModule(pl.LightningModule):
             Denoiser ``variance_trained`` (load_module rebuilds it with the same objective). Validation
             reports the denoising loss whatever the objective (it runs without gradients, which ssm/ism need;
             dsm = explicit score matching + a constant).
+        grid: a fixed sampling grid (decreasing sigmas): a distilled student's levels (``lightning-diff distill``),
+            used by ``sample()`` whenever the sampler setting asks for no step count.
 
     Attribute ``weights``: which weights the module holds, ``"raw"`` or ``"ema"`` (``load_weights``), or
     ``"released"`` (a ready ``denoiser``: the weights its authors published).
@@ -221,6 +223,7 @@ class DiffusionModule(pl.LightningModule):
         denoiser: Denoiser | None = None,
         decoder: nn.Module | None = None,
         objective: Callable | None = None,
+        grid: Sequence[float] | None = None,
     ):
         super().__init__()
         if val_buckets < 1:
@@ -238,7 +241,7 @@ class DiffusionModule(pl.LightningModule):
         self.data_shape = None if data_shape is None else tuple(data_shape)
         self.num_classes, self.data_transform, self.run_config = num_classes, data_transform, run_config
         self.weights = "raw" if denoiser is None else "released"
-        self.grid = None  # a fixed sampling grid (a distilled student's levels, set by builders.load_module)
+        self.grid = None if grid is None else torch.as_tensor(grid, dtype=torch.float64)
         self.augment_pipe = augment_pipe
         self.objective = objective
         if hasattr(objective, "prepare"):  # checks it against the formulation, sizes its state (checkpoints)

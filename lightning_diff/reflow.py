@@ -232,28 +232,28 @@ class Reflow(Objective):
 
 
 @torch.no_grad()
-def straightness(denoiser: Callable, noise: torch.Tensor, *, num_steps: int = 100, t_max: float = 1 - 1e-3,
+def straightness(denoiser: Callable, noise: torch.Tensor, *, steps: int = 100, t_max: float = 1 - 1e-3,
                  batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1, ``S = int E ||(z - x_0) - v(x_t, t)||^2 dt``, per trajectory, along the Euler path of the flow from
-    ``noise`` (the ``euler`` sampler on ``rf_sigmas(num_steps, t_max)``, uniform in ``t = sigma / (1 + sigma)``,
+    ``noise`` (the ``euler`` sampler on ``rf_sigmas(steps, t_max)``, uniform in ``t = sigma / (1 + sigma)``,
     where Euler in the sigma-frame is Euler in t: DDIM's equivalence, docs/samplers.md#equivalences).
 
     The velocity at each step is ``v = eps_hat - D`` with ``eps_hat = (x - D) / sigma`` (``x_t = (1 - t) D + t eps_hat``
     in the sigma-frame ``x``); the integral is the mean over the uniform grid's left points (it covers ``[0, t_max]``,
     divided by ``t_max``), accumulated as ``||Delta||^2 - 2 <Delta, mean v> + mean ||v||^2`` with ``Delta = z - x_0``
-    so that memory does not grow with ``num_steps``. Squared norms are sums over all dimensions (Liu et al.'s
+    so that memory does not grow with ``steps``. Squared norms are sums over all dimensions (Liu et al.'s
     ``||.||^2``), float64.
 
     Args:
         denoiser: ``denoiser(x, sigma [B]) -> D`` in the sigma-frame (an ``rf`` model: ``Denoiser`` or an oracle).
         noise: ``[N, ...]`` standard normal start points z (t = 1).
-        num_steps: Euler steps (the integral's resolution).
+        steps: Euler steps (the integral's resolution).
     Returns:
         ``(S [N] float64, x_0 [N, ...] float64)``: the straightness of each trajectory and where it ends.
     """
-    if type(num_steps) is not int or num_steps < 1:
-        raise ValueError(f"reflow: straightness num_steps={num_steps!r} is invalid; allowed: an integer >= 1")
-    sigmas = rf_sigmas(num_steps, t_max=t_max)
+    if type(steps) is not int or steps < 1:
+        raise ValueError(f"reflow: straightness steps={steps!r} is invalid; allowed: an integer >= 1")
+    sigmas = rf_sigmas(steps, t_max=t_max)
     values, ends = [], []
     for start in range(0, len(noise), batch_size):
         z = noise[start:start + batch_size].to(torch.float64)
@@ -268,8 +268,8 @@ def straightness(denoiser: Callable, noise: torch.Tensor, *, num_steps: int = 10
 
         end = sampling.euler(denoiser, float(sigmas[0]) * z, sigmas.to(z.device), callback=record)
         delta = (z - end).flatten(1)
-        mean_v = (sum_v / num_steps).flatten(1)
-        values.append(delta.pow(2).sum(1) - 2 * (delta * mean_v).sum(1) + sum_v2 / num_steps)
+        mean_v = (sum_v / steps).flatten(1)
+        values.append(delta.pow(2).sum(1) - 2 * (delta * mean_v).sum(1) + sum_v2 / steps)
         ends.append(end)
     return torch.cat(values).clamp(min=0), torch.cat(ends)
 
@@ -303,14 +303,14 @@ def main(cfg: DictConfig) -> None:
     save_couplings(pairs, cfg.out)
     count = min(cfg.straightness.num_samples, cfg.num_pairs)
     noise = pairs.noise[:count].to(module.device)
-    value, _ = straightness(module.denoiser, noise, num_steps=cfg.straightness.num_steps,
+    value, _ = straightness(module.denoiser, noise, steps=cfg.straightness.steps,
                             t_max=getattr(module.formulation, "t_max", 1 - 1e-3))
     with torch.no_grad():  # one Euler step from t_max: D(sigma_max z; sigma_max)
         one_step = sampling.euler(module.denoiser, module.formulation.sigma_max * noise,
                                   torch.tensor([module.formulation.sigma_max, 0.0], device=module.device)).cpu()
     print(f"wrote {cfg.num_pairs} pairs to {cfg.out} (key {str(pairs.record['key'])[:12]}, sampler {sampler.name}, "
           f"{sampler.steps_for(module.formulation)} steps); straightness S = {float(value.mean()):.4g} "
-          f"(+- {float(value.std() / count**0.5):.2g}, {count} trajectories, {cfg.straightness.num_steps} Euler "
+          f"(+- {float(value.std() / count**0.5):.2g}, {count} trajectories, {cfg.straightness.steps} Euler "
           f"steps); 1-step Euler W2 to the pairs' samples: {empirical_w2(one_step, pairs.samples[:count]):.4g}")
 
 

@@ -131,14 +131,14 @@ def stalling_fsync(fd):  # the record's bytes are written, not yet on disk nor i
 
 
 os.fsync = stalling_fsync
-write_record(checkpoint, {"fid": 2.0}, {"weights": "ema"}, {"seed": 1}, name="drill")
+write_record(Path(checkpoint).parent, {"metrics": {"fid": 2.0}}, name="drill")
 '''
 
 
 def test_sigkill_while_evaluate_writes_its_record_keeps_the_previous_results(tmp_path):
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.touch()
-    previous = write_record(checkpoint, {"fid": 1.0}, {"weights": "ema"}, {"seed": 0}, name="drill")
+    previous = write_record(tmp_path, {"metrics": {"fid": 1.0}}, name="drill")
     (tmp_path / "staller.py").write_text(STALLING_RECORD)
     marker = tmp_path / "stalled"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -151,16 +151,14 @@ def test_sigkill_while_evaluate_writes_its_record_keeps_the_previous_results(tmp
         process.wait()
     assert json.loads(Path(previous["path"]).read_text())["metrics"] == {"fid": 1.0}  # loadable, unchanged
     assert sorted(p.name for p in tmp_path.glob("eval-*")) == ["eval-drill.json"]  # nothing half-written
-    rerun = write_record(checkpoint, {"fid": 2.0}, {"weights": "ema"}, {"seed": 1}, name="drill")
+    rerun = write_record(tmp_path, {"metrics": {"fid": 2.0}}, name="drill")
     assert json.loads(Path(rerun["path"]).read_text())["metrics"] == {"fid": 2.0}
     assert Path(rerun["path"]).name == "eval-drill-1.json"
 
 
 def test_an_evaluation_with_an_existing_name_never_replaces_its_results(tmp_path):
     """Two evaluations writing the same ``eval-<name>.json`` (concurrently or one after the other) keep both."""
-    checkpoint = tmp_path / "last.ckpt"
-    checkpoint.touch()
-    records = [write_record(checkpoint, {"fid": float(k)}, {"weights": "ema"}, {"seed": k}, name="same")
+    records = [write_record(tmp_path, {"metrics": {"fid": float(k)}}, name="same")
                for k in range(3)]
     assert [Path(r["path"]).name for r in records] == ["eval-same.json", "eval-same-1.json", "eval-same-2.json"]
     for k, record in enumerate(records):

@@ -86,12 +86,12 @@ def test_straightness_of_the_exact_flows_equals_the_closed_form():
     expected = closed_form_straightness() * z.pow(2).sum(1)
     errors = {}
     for steps in (100, 400):
-        value, end = reflow.straightness(GaussianMixture(MU, S), z, num_steps=steps)
+        value, end = reflow.straightness(GaussianMixture(MU, S), z, steps=steps)
         errors[steps] = abs(float(value.mean() / expected.mean()) - 1)
         assert (end - (MU + S * z)).abs().max() < 2.5 / steps  # Euler's O(1/N) (measured 0.021 at N = 100)
     assert errors[400] < 1e-2 and errors[100] < 3e-2  # measured 0.6% and 2.3%: the Euler grid's O(1/N)
     assert errors[400] < errors[100] / 3
-    straight, end = reflow.straightness(CoupledGaussian(), z, num_steps=100)
+    straight, end = reflow.straightness(CoupledGaussian(), z, steps=100)
     assert float(straight.max()) < 1e-4 * float(expected.mean())  # measured 1.6e-5 relative (the start at t_max)
     one_step = sampling.euler(CoupledGaussian(), RectifiedFlow().sigma_max * z,
                               torch.tensor([RectifiedFlow().sigma_max, 0.0], dtype=torch.float64))
@@ -170,7 +170,7 @@ def test_one_reflow_straightens_a_mixture_and_improves_one_step_samples(tmp_path
     results = {}
     with torch.no_grad():
         for name, field in (("1-rf", mixture), ("2-rf", module.denoiser)):
-            value, _ = reflow.straightness(field, z, num_steps=100)
+            value, _ = reflow.straightness(field, z, steps=100)
             one_step = sampling.euler(field, formulation.sigma_max * z, grid)
             results[name] = (float(value.mean()), reflow.empirical_w2(one_step, data),
                              float(mixture.log_prob(one_step).mean()))
@@ -193,7 +193,7 @@ def test_cli_draws_pairs_and_trains_the_next_flow(tmp_path):
                                            "data.num_val_samples=64"], tmp_path / "run1"))
     out = tmp_path / "pairs.pt"
     cmd = [sys.executable, "-m", "lightning_diff.cli", "reflow", f"ckpt={first['checkpoint']}", "num_pairs=200",
-           f"out={out}", "sampler=euler", "sampler.steps=8", "straightness.num_samples=50", "straightness.num_steps=10"]
+           f"out={out}", "sampler=euler", "sampler.steps=8", "straightness.num_samples=50", "straightness.steps=10"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 200 pairs" in proc.stdout and "straightness S = " in proc.stdout

@@ -50,7 +50,7 @@ def main(train_steps: int = 3000) -> None:
     rows, paths = [], {}
     with torch.no_grad():
         for name, field in (("1-rectified (exact)", mixture), ("2-rectified (reflow)", module.denoiser)):
-            value, _ = reflow.straightness(field, z, num_steps=100)
+            value, _ = reflow.straightness(field, z, steps=100)
             row = [name, f"{float(value.mean()):.4f}"]
             for steps in (1, 2, 4):
                 grid = sampling.schedules.rf_sigmas(steps, t_max=formulation.t_max)
