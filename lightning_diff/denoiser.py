@@ -8,7 +8,7 @@ from torch import nn
 from .formulations import Formulation
 from .networks.layers import LabelEmbedding
 
-__all__ = ["Denoiser"]
+__all__ = ["Denoiser", "training_draw"]
 
 
 def _as_batch_sigma(sigma, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -20,6 +20,19 @@ def _as_batch_sigma(sigma, batch: int, dtype: torch.dtype, device) -> torch.Tens
     if sigma.numel() != batch:
         raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {batch}")
     return sigma
+
+
+def training_draw(formulation: Formulation, y: torch.Tensor, sigma: torch.Tensor | None = None,
+                  noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y float32 [B, ...], sigma [B], noise like y)`` of one training example per row: sigma from the
+    formulation's training density p(sigma) and standard normal noise unless given (every objective draws so)."""
+    y = y.float()
+    if sigma is None:
+        sigma = formulation.sample_training_sigma((y.shape[0],), generator=generator, device=y.device)
+    if noise is None:
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    return y, _as_batch_sigma(sigma, y.shape[0], y.dtype, y.device), noise
 
 
 class Denoiser(nn.Module):
@@ -138,12 +151,7 @@ class Denoiser(nn.Module):
         Returns:
             ``(loss [B], sigma [B])`` in float32.
         """
-        y = y.float()
-        if sigma is None:
-            sigma = self.formulation.sample_training_sigma((y.shape[0],), generator=generator, device=y.device)
-        if noise is None:
-            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        sigma = _as_batch_sigma(sigma, y.shape[0], y.dtype, y.device)
+        y, sigma, noise = training_draw(self.formulation, y, sigma, noise, generator)
         view = (-1,) + (1,) * (y.ndim - 1)
         D = self(y + sigma.reshape(view) * noise, sigma, labels, **cond)
         with torch.autocast(y.device.type, enabled=False):

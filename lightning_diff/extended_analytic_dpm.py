@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .analytic_dpm import _step_coefficients
-from .denoiser import Denoiser, _as_batch_sigma
+from .denoiser import Denoiser, training_draw
 from .objectives import Objective
 
 __all__ = ["KINDS", "SecondMoment", "SecondMomentHead", "step_variance", "denoise_with_head"]
@@ -120,12 +120,7 @@ class SecondMoment(Objective):
     def forward(self, denoiser: Denoiser, y: torch.Tensor, labels: torch.Tensor | None = None, *,
                 sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        y = y.float()
-        if sigma is None:
-            sigma = denoiser.formulation.sample_training_sigma((y.shape[0],), generator=generator, device=y.device)
-        if noise is None:
-            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        sigma = _as_batch_sigma(sigma, y.shape[0], y.dtype, y.device)
+        y, sigma, noise = training_draw(denoiser.formulation, y, sigma, noise, generator)
         view = (-1,) + (1,) * (y.ndim - 1)
         x = y + sigma.reshape(view) * noise
         D, head = denoise_with_head(denoiser, x, sigma, **({"labels": labels} if labels is not None else {}), **cond)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .data.transforms import EDM_PIXELS, DataTransform
-from .denoiser import Denoiser, _as_batch_sigma
+from .denoiser import Denoiser, _as_batch_sigma, training_draw
 from .likelihood import _discretized_gaussian_log_likelihood, _normal_kl, posterior_chain
 
 __all__ = ["Objective", "DenoisingScoreMatching", "SlicedScoreMatching", "ImplicitScoreMatching", "PROJECTIONS",
@@ -103,12 +103,7 @@ class _ScoreMatching(Objective):
                 generator: torch.Generator | None = None, **cond) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_data(y)
         create_graph = torch.is_grad_enabled()  # training differentiates through the score's derivative
-        y = y.float()
-        if sigma is None:
-            sigma = denoiser.formulation.sample_training_sigma((y.shape[0],), generator=generator, device=y.device)
-        if noise is None:
-            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        sigma = _as_batch_sigma(sigma, y.shape[0], y.dtype, y.device)
+        y, sigma, noise = training_draw(denoiser.formulation, y, sigma, noise, generator)
         view = (-1,) + (1,) * (y.ndim - 1)
         with torch.enable_grad():
             x = (y + sigma.reshape(view) * noise).detach().requires_grad_(True)
