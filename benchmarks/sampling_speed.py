@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
+import clock
 import torch
 
 from lightning_diff import formulations, sampling
@@ -62,9 +62,9 @@ def interleaved(variants: dict, repeats: int) -> dict[str, float]:
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
-            start = time.perf_counter()
+            start = clock.now()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock.now() - start)
     spread = {name: (max(t) - min(t)) / statistics.median(t) for name, t in times.items()}
     print(f"  (spread max-min over median: {', '.join(f'{k} {v:.0%}' for k, v in spread.items())})")
     return {name: statistics.median(t) for name, t in times.items()}
@@ -160,9 +160,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny batch, few steps, one repeat")
+    clock.add_argument(parser)
     args = parser.parse_args()
     batch, heun_steps, ddim_steps, repeats = (4, 3, 3, 1) if args.quick else (args.batch, 18, 50, args.repeats)
-    print(f"threads={torch.get_num_threads()} repeats={repeats}")
+    print(f"threads={torch.get_num_threads()} repeats={repeats} clock={clock.use(args.clock)}")
     heun_case(batch, heun_steps, repeats, channels=3, side=16)
     ddim_case(batch, ddim_steps, repeats)
 

@@ -5,7 +5,8 @@ Same process, backbone, data loader, optimiser and batch for every variant; each
 reported. Then the EMA update alone: ``EMA``'s fused update (cached lists, one ``_foreach_lerp_`` per
 dtype group) against ``AveragedModel.update_parameters`` (the update it replaced), interleaved, on the
 case's backbone and on EDM's DDPM++ CIFAR-10 network (56M parameters).
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/training.py [--case toy2d|digits] [--quick]``.
+Clock: ``--clock cpu`` (default) or ``wall`` (``benchmarks/clock.py``).
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/training.py [--case toy2d|digits] [--quick] [--clock cpu|wall]``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+import clock
 import pytorch_lightning as pl
 import torch
 
@@ -50,13 +52,13 @@ def plain_loop(case: str, steps: int, warmup: int) -> float:
     batches = _infinite(data.train_dataloader())
     for step in range(warmup + steps):
         if step == warmup:
-            start = time.perf_counter()
+            start = clock.now()
         x, _ = next(batches)
         loss = module.denoiser.loss(x)[0].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return steps / (time.perf_counter() - start)
+    return steps / (clock.now() - start)
 
 
 class _Clock(pl.Callback):
@@ -65,21 +67,21 @@ class _Clock(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.start is None:
-            self.start = time.perf_counter()
+            self.start = clock.now()
 
     def on_train_end(self, trainer, module):
-        self.end = time.perf_counter()
+        self.end = clock.now()
 
 
 def lightning_loop(case: str, steps: int, warmup: int, ema: bool) -> float:
     """Steps/s of ``Trainer.fit`` (no logger, checkpoints, progress bar or validation: the loop itself)."""
-    clock = _Clock(warmup)
-    callbacks = [clock] + ([EMA()] if ema else [])
+    timer = _Clock(warmup)
+    callbacks = [timer] + ([EMA()] if ema else [])
     trainer = pl.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False, callbacks=callbacks,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0)
     trainer.fit(_module(case), CASES[case][0]())
-    return steps / (clock.end - clock.start)
+    return steps / (timer.end - timer.start)
 
 
 def ema_update_ms(network: torch.nn.Module, repeats: int, calls: int) -> tuple[float, float]:
@@ -96,10 +98,10 @@ def ema_update_ms(network: torch.nn.Module, repeats: int, calls: int) -> tuple[f
     for _ in range(repeats):
         for name, update in (("old", lambda: old.update_parameters(network)),
                              ("fused", lambda: ema._update(network))):
-            start = time.perf_counter()
+            start = clock.now()
             for _ in range(calls):
                 update()
-            times[name].append(1000 * (time.perf_counter() - start) / calls)
+            times[name].append(1000 * (clock.now() - start) / calls)
     for a, b in zip(old.module.state_dict().values(), ema._average_model.module.state_dict().values(), strict=True):
         assert torch.equal(a, b), "fused EMA update differs from AveragedModel's"
     return statistics.median(times["old"]), statistics.median(times["fused"])
@@ -128,19 +130,19 @@ def compile_speedup(case: str, steps: int, repeats: int, fullgraph: bool = True)
         module.zero_grad(set_to_none=True)
         module.denoiser.loss(x)[0].mean().backward()
 
-    start = time.perf_counter()
+    start = time.perf_counter()  # wall time: inductor compiles in worker processes that the CPU clock misses
     step(compiled)
     compile_s = time.perf_counter() - start
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(repeats):
         for name, module in (("eager", eager), ("compiled", compiled)):
-            start = time.perf_counter()
+            start = clock.now()
             for _ in range(steps):
                 step(module)
-            times[name].append(1000 * (time.perf_counter() - start) / steps)
+            times[name].append(1000 * (clock.now() - start) / steps)
     t_eager, t_compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
-    print(f"torch.compile ({case}, fullgraph={fullgraph}): compile (first step) {compile_s:.1f} s; forward+backward "
-          f"eager {t_eager:.2f} ms, compiled {t_compiled:.2f} ms ({t_eager / t_compiled:.2f}x)")
+    print(f"torch.compile ({case}, fullgraph={fullgraph}): compile (first step) {compile_s:.1f} s wall; "
+          f"forward+backward eager {t_eager:.2f} ms, compiled {t_compiled:.2f} ms ({t_eager / t_compiled:.2f}x)")
 
 
 def loader_vs_memory(case: str, steps: int, repeats: int) -> None:
@@ -151,14 +153,14 @@ def loader_vs_memory(case: str, steps: int, repeats: int) -> None:
     x_fixed = next(loader)[0]
 
     def run(from_loader: bool) -> float:
-        start = time.perf_counter()
+        start = clock.now()
         for _ in range(steps):
             x = next(loader)[0] if from_loader else x_fixed
             loss = module.denoiser.loss(x)[0].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return steps / (time.perf_counter() - start)
+        return steps / (clock.now() - start)
 
     rates: dict[str, list[float]] = {"loader": [], "memory": []}
     for _ in range(repeats):
@@ -177,7 +179,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, no 56M network")
     parser.add_argument("--compile", action="store_true", help="also time module.compile (minutes on a CPU)")
+    clock.add_argument(parser)
     args = parser.parse_args()
+    args.clock = clock.use(args.clock)
     if args.quick:
         args.steps, args.warmup, args.repeats = 10, 2, 1
     variants = {"plain PyTorch loop": lambda: plain_loop(args.case, args.steps, args.warmup),
@@ -190,7 +194,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in rates.items()}
     plain = median["plain PyTorch loop"]
     print(f"case={args.case} steps={args.steps} warmup={args.warmup} repeats={args.repeats} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} clock={args.clock}")
     print(f"| {'variant':<20} | steps/s | ms/step | vs plain |")
     print(f"|{'-' * 22}|---------|---------|----------|")
     for name, rate in median.items():

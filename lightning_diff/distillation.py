@@ -150,6 +150,7 @@ class ProgressiveDistillation(pl.LightningModule):
         self.quality_seeds, self.quality, self.conditional = quality_seeds, quality, conditional
         self.round = 0
         self.history: list[dict] = []
+        self._base_samples: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> ProgressiveDistillation:
         """Train/eval mode of the student only: the teachers stay in eval mode (no dropout in the targets)."""
@@ -201,7 +202,7 @@ class ProgressiveDistillation(pl.LightningModule):
         """``student_<q>`` and ``teacher_<q>`` (round-0 teacher, DDIM at the student's step count) for ``rms_to_base``
         and every entry of ``quality``, on ``quality_seeds`` fixed seeds."""
         seeds = list(range(self.quality_seeds))
-        base = self.ddim_samples(self.reference, self.grids[0], seeds)
+        base = self.base_samples()
         record = {}
         for who, model in (("student", self.student), ("teacher", self.reference)):
             samples = self.ddim_samples(model, self.student_grid, seeds)
@@ -209,6 +210,13 @@ class ProgressiveDistillation(pl.LightningModule):
             for key, value in (self.quality(samples) if self.quality else {}).items():
                 record[f"{who}_{key}"] = float(value)
         return record
+
+    def base_samples(self) -> torch.Tensor:
+        """The round-0 teacher's ``steps``-step DDIM samples on the ``quality_seeds`` seeds (the baseline of
+        ``rms_to_base``), float32 ``[quality_seeds, *data_shape]``; sampled once (the reference never changes)."""
+        if self._base_samples is None:
+            self._base_samples = self.ddim_samples(self.reference, self.grids[0], range(self.quality_seeds))
+        return self._base_samples
 
     @torch.no_grad()
     def ddim_samples(self, model: Callable, grid: torch.Tensor, seeds: Sequence[int],

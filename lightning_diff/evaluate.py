@@ -6,7 +6,8 @@ stored in it (``data=<group>`` replaces it; a released checkpoint has none: ``da
 file ``metrics.reference=<file.npz>``), generates ``metrics.num_images``
 images with per-sample seeds, scores them against cached statistics of the reference split, computes
 bits/dim on the test split (val when there is none), writes ``<ckpt dir>/eval-<name>.json`` (numbers and
-protocol) and prints a one-line summary. The work is done by ``lightning_diff.evaluation``.
+protocol), adds it to the W&B run that trained the checkpoint (``wandb=auto``) and prints a one-line summary. The
+work is done by ``lightning_diff.evaluation``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .builders import build_datamodule, load_module, pretrained_flags, resolve_device
 from .checkpoint_io import load_checkpoint
-from .config import CONFIG_DIR
+from .config import CONFIG_DIR, wandb_offline
 from .evaluation import (
     LIKELIHOOD_METRICS,
     SAMPLE_METRICS,
@@ -30,11 +31,11 @@ from .evaluation import (
     split_vlb,
     summary_line,
 )
-from .evaluation.records import make_record, rerun_command, run_description, write_record
+from .evaluation.records import log_record_to_wandb, make_record, rerun_command, run_description, write_record
 from .metrics import is_published_reference
 from .module import SamplerSettings
 
-__all__ = ["evaluate", "main"]
+__all__ = ["evaluate", "add_to_training_wandb_run", "main"]
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -76,7 +77,31 @@ def evaluate(cfg: DictConfig) -> dict:
     record = make_record(results, protocol, OmegaConf.to_container(cfg, resolve=True), kind="evaluate",
                          run=run_description(checkpoint, module.run_config, step), command=rerun_command("evaluate"),
                          wall_time_s=time.perf_counter() - started, cache_dir=cfg.metrics.cache_dir)
-    return write_record(Path(checkpoint).resolve().parent, record, name=cfg.name)
+    record = write_record(Path(checkpoint).resolve().parent, record, name=cfg.name)
+    if cfg.get("wandb", "auto") == "auto" and released is None:
+        add_to_training_wandb_run(cfg.ckpt, module.run_config, record)
+    return record
+
+
+def add_to_training_wandb_run(checkpoint: str, run_config: dict | None, record: dict) -> str | None:
+    """Put ``record`` into the W&B run that trained ``checkpoint`` (its id is stored in the checkpoint), as the
+    metric callbacks do during training: summary ``records/evaluate-<file stem>`` and a W&B Table. Online with an API
+    key; offline otherwise (a new ``wandb/offline-run-*`` folder of the same run id in the training run's folder,
+    which ``wandb sync`` appends to the run). Returns the run id, or None when the run did not log to W&B."""
+    run_id = load_checkpoint(checkpoint, mmap=True).get("wandb_run_id")
+    logger = (run_config or {}).get("logger") or {}
+    if run_id is None or "WandbLogger" not in str(logger.get("_target_")):
+        return None
+    import wandb
+
+    run = wandb.init(id=run_id, resume="allow", project=logger.get("project"), entity=logger.get("entity"),
+                     group=logger.get("group"), dir=run_config["paths"]["output_dir"],
+                     mode="offline" if wandb_offline() else "online")
+    try:
+        log_record_to_wandb(run, record, f"evaluate-{Path(record['path']).stem}")
+    finally:
+        run.finish()
+    return run_id
 
 
 def _datamodule(cfg: DictConfig, module, names: list[str]):

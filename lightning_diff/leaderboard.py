@@ -42,7 +42,8 @@ DIRECTIONS = {"fid": "min", "kid_mean": "min", "bpd": "min", "vlb_bpd": "min", "
               "recall": "max"}  # better direction of each metric a record holds
 _LIKELIHOOD = {"bpd": "bpd", "vlb_bpd": "vlb"}  # metric -> protocol section; the rest are in "samples"
 _UNCERTAIN = {"fid": "fid", "kid_mean": "kid"}  # metric -> its uncertainty block in a record
-CSV_COLUMNS = ["group", "rank", "name", "kind", "formulation", "sampler", "steps", "nfe", "weights", "guidance",
+CSV_COLUMNS = ["group", "rank", "name", "kind", "formulation", "sampler", "options", "steps", "nfe", "weights",
+               "guidance",
                "metric", "value", "mean", "min", "spread", "std", "seed_sets", "training_images", "reproduces",
                "citation", "command", "source"]
 
@@ -175,6 +176,25 @@ def protocol_of(record: Mapping, metric: str) -> dict:
             "num_images": s.get("num_images"), "seed_sets": s.get("seed_sets"), "rounding": s.get("rounding")}
 
 
+def _options_text(sampler: Mapping) -> str:
+    """``eta=0.2, guidance=2``: the sampler's options, the guidance when not 1, the class labels of a conditional
+    model and time steps other than the formulation's (what tells two runs of one sampler at one NFE apart); empty
+    when there are none."""
+    def value(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    options = dict(sampler.get("options") or {})
+    if sampler.get("guidance") not in (None, 1, 1.0):
+        options["guidance"] = sampler["guidance"]
+    if sampler.get("labels"):
+        options["labels"] = sampler["labels"]
+    steps = sampler.get("time_steps")
+    if steps:
+        options["time_steps"] = ("own levels" if "sigmas" in steps else
+                                 "edm(" + " ".join(f"{k}={value(v)}" for k, v in sorted(steps.items())) + ")")
+    return ", ".join(f"{k}={value(v)}" for k, v in sorted(options.items()))
+
+
 def _row(record: Mapping, metric: str) -> dict:
     samples = record["protocol"].get("samples", {})
     sampler = samples.get("sampler", {})
@@ -182,7 +202,9 @@ def _row(record: Mapping, metric: str) -> dict:
     run = record["run"]
     nfe = samples.get("nfe") if metric not in _LIKELIHOOD else record["protocol"][_LIKELIHOOD[metric]].get("nfe")
     return {"rank": None, "name": run.get("name") or Path(str(run.get("dir"))).name, "kind": record["kind"],
-            "formulation": run.get("formulation"), "sampler": sampler.get("name"), "steps": sampler.get("steps"),
+            "formulation": run.get("formulation"), "sampler": sampler.get("name"),
+            "options": _options_text({**sampler, "labels": samples.get("labels")}),
+            "steps": sampler.get("steps"),
             "nfe": nfe, "weights": record["protocol"].get("weights"), "guidance": sampler.get("guidance"),
             "metric": metric, "value": record["metrics"][metric], "mean": spread.get("mean"),
             "min": spread.get("min"), "spread": spread.get("spread"), "std": spread.get("std"),
@@ -199,7 +221,8 @@ def _published_rows(entries: Sequence[Mapping], metric: str) -> list[tuple[dict,
             continue
         p = dict(e.get("protocol", {}))
         row = {"rank": None, "name": e["id"], "kind": "published", "formulation": e.get("paper"),
-               "sampler": p.get("sampler"), "steps": p.get("steps"), "nfe": p.get("nfe"), "weights": p.get("weights"),
+               "sampler": p.get("sampler"), "options": _options_text(p), "steps": p.get("steps"), "nfe": p.get("nfe"),
+               "weights": p.get("weights"),
                "guidance": p.get("guidance"), "metric": metric, "value": float(e["metrics"][metric]), "mean": None,
                "min": None, "spread": None, "std": None, "seed_sets": p.get("seed_sets"), "training_images": None,
                "reproduces": "", "citation": f"{e['citation']}, {e['table']}", "command": None,
@@ -295,18 +318,19 @@ def build(records: Sequence[dict], metric: str, *, published: Sequence[Mapping] 
 
 
 def _drop_other_statistics(usable: list, metric: str, skipped: list) -> list:
-    """Within each reference set, keep the records scored against the most common statistics (SHA-256) and
-    skip the others by name: the same reference name with other statistics does not compare."""
+    """Within each reference set and feature extractor (the statistics are moments of its features), keep the
+    records scored against the most common statistics (SHA-256) and skip the others by name: the same reference
+    name with other statistics does not compare."""
     if metric in _LIKELIHOOD:
         return usable
     digest = {id(r): r["protocol"]["samples"].get("reference_sha256") for _, r in usable}
     common = {}
-    for name in {k["reference"] for k, _ in usable}:
-        counts = Counter(digest[id(r)] for k, r in usable if k["reference"] == name and digest[id(r)])
+    for name in {(k["reference"], k["extractor"]) for k, _ in usable}:
+        counts = Counter(digest[id(r)] for k, r in usable if (k["reference"], k["extractor"]) == name and digest[id(r)])
         common[name] = counts.most_common(1)[0][0] if counts else None
     kept = []
     for key, record in usable:
-        want, have = common[key["reference"]], digest[id(record)]
+        want, have = common[key["reference"], key["extractor"]], digest[id(record)]
         if want is not None and have is not None and have != want:
             skipped.append((record["path"], f"computed against other reference statistics for {key['reference']} "
                                             f"(SHA-256 {have[:12]}; the other results: {want[:12]})"))
@@ -352,7 +376,8 @@ def _protocol_text(protocol: Mapping) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in protocol.items())
 
 
-_MD_COLUMNS = ["rank", "name", "formulation", "sampler", "nfe", "weights", "value", "spread", "training_images",
+_MD_COLUMNS = ["rank", "name", "formulation", "sampler", "options", "nfe", "weights", "value", "spread",
+               "training_images",
                "reproduces", "citation"]
 
 
@@ -428,7 +453,8 @@ def figures(board: Leaderboard) -> list[tuple[str, str]]:
         by_nfe, by_images = {}, {}
         for r in ours:
             if r["nfe"] is not None:
-                by_nfe.setdefault(f"{r['name']} ({r['sampler']})", []).append((float(r["nfe"]), r["value"]))
+                label = " ".join(filter(None, (r["sampler"], r["options"])))
+                by_nfe.setdefault(f"{r['name']} ({label})", []).append((float(r["nfe"]), r["value"]))
             if r["training_images"] is not None:
                 by_images.setdefault(str(r["name"]), []).append((float(r["training_images"]), r["value"]))
         if by_nfe:

@@ -26,6 +26,7 @@ from .data.transforms import DataTransform
 from .denoiser import Denoiser
 from .formulations import Formulation
 from .objectives import DenoisingScoreMatching
+from .sampling.schedules import karras_sigmas
 
 __all__ = ["DiffusionModule", "SamplerSettings"]
 
@@ -42,12 +43,16 @@ class SamplerSettings:
         steps: steps on the formulation's own grid (``formulation.sampling_sigmas(steps)``); None takes the
             formulation's ``default_sampling_steps`` (18, EDM's Heun with 35 NFE; NCSN: its L levels).
         options: keyword options of the sampler (``S_churn``, ``eta``, ...).
+        time_steps: None samples on the formulation's own grid; ``{"sigma_min", "sigma_max", "rho"}`` (any subset:
+            the rest take EDM's defaults) on EDM's time steps with these constants (Karras et al. 2022, eq. 5)
+            instead, as EDM's Figure 2 varies the discretization alone.
         batch_size: samples per sampler call; the samples do not depend on it (per-sample seeds).
     """
 
     name: str = "heun"
     steps: int | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    time_steps: dict | None = None
     batch_size: int = 64
 
     def __post_init__(self):
@@ -59,6 +64,12 @@ class SamplerSettings:
         if type(self.batch_size) is not int or self.batch_size < 1:
             raise ValueError(f"sampler.batch_size={self.batch_size!r} is invalid; allowed: an integer >= 1")
         self.options = dict(self.options or {})
+        if self.time_steps is not None:
+            self.time_steps = dict(self.time_steps)
+            unknown = sorted(set(self.time_steps) - {"sigma_min", "sigma_max", "rho"})
+            if unknown:
+                raise ValueError(f"sampler.time_steps: {unknown} are not settings of EDM's time steps; allowed: "
+                                 "sigma_min, sigma_max, rho (or sampler.time_steps=null: the formulation's grid)")
         allowed = [p for p in inspect.signature(sampling.SAMPLERS[self.name]).parameters if p not in _NOT_OPTIONS]
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
@@ -97,6 +108,8 @@ class SamplerSettings:
         """The grid this setting samples ``formulation`` on: decreasing float64 ``[steps + 1]`` ending in 0."""
         steps = self.steps_for(formulation)
         try:
+            if self.time_steps is not None:
+                return karras_sigmas(steps, **self.time_steps)
             return formulation.sampling_sigmas(steps)
         except ValueError as err:
             raise ValueError(f"sampler.steps={steps} on formulation={formulation.name}: {err}") from None
@@ -134,8 +147,10 @@ class SamplerSettings:
         return self
 
     def record(self, formulation: Formulation) -> dict:
-        """``{"name", "steps", "options"}`` with the step count actually used on ``formulation`` (protocols)."""
-        return {"name": self.name, "steps": self.steps_for(formulation), "options": dict(self.options)}
+        """``{"name", "steps", "options"}`` with the step count actually used on ``formulation`` (protocols), and
+        ``"time_steps"`` when they are not the formulation's own."""
+        record = {"name": self.name, "steps": self.steps_for(formulation), "options": dict(self.options)}
+        return record if self.time_steps is None else {**record, "time_steps": dict(self.time_steps)}
 
 
 class _GaussianDataDenoiser:

@@ -19,6 +19,7 @@ from .builders import build_callbacks, build_datamodule, build_logger, build_mod
 from .callbacks import EMA
 from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
 from .config import CONFIG_DIR, apply_smoke, check_global_batch, compose, smoke_alias
+from .evaluation.records import read_record
 from .known_warnings import silence_unactionable_warnings
 
 __all__ = ["train", "compose", "finish_logging", "main"]
@@ -77,9 +78,30 @@ def main(cfg: DictConfig) -> float | None:
     metric = cfg.get("optimized_metric")
     if not metric:
         return None
+    value = optimized_value(result, metric)
+    log.info("optimized_metric %s: %.10g", metric, value)
+    return value
+
+
+def optimized_value(result: dict, metric: str) -> float:
+    """The number a Hydra sweeper (Optuna) optimises, from the ``result`` of :func:`train`.
+
+    A metric of the evaluation records (``fid``, ``kid_mean``, ``is_mean``, ``bpd``... : no ``/`` in the name) is
+    read back from the newest record file this run's metric callbacks wrote (``result["record/<callback>"]``), so
+    the sweep optimises the very number the leaderboard ranks, with its protocol; a logged scalar (``val/loss``,
+    ``train/loss``) comes from the trainer's logged metrics.
+    """
+    if "/" not in metric:
+        records = [read_record(path) for key, path in result.items() if key.startswith("record/")]
+        values = [r["metrics"][metric] for r in records if metric in r["metrics"]]
+        if values:
+            return float(values[-1])
+        raise ValueError(f"optimized_metric={metric!r}: no evaluation record of this run holds it (records: "
+                         f"{[k for k in result if k.startswith('record/')] or 'none'}); allowed: a metric of "
+                         "callbacks=[default,generative_metrics] or [default,bits_per_dim] records (fid, kid_mean, "
+                         f"bpd, ...) or a logged scalar: {sorted(k for k in result if '/' in k)}")
     if metric not in result:
         raise ValueError(f"optimized_metric={metric!r} was not logged by this run; allowed: {sorted(result)}")
-    log.info("optimized_metric %s: %.10g", metric, result[metric])
     return result[metric]
 
 

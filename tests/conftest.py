@@ -15,6 +15,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    networks on a shared 2-core CPU run several times faster than with two competing threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory):
     """A checkpoint of a 3-step EDM run on digits (tiny U-Net), written by ``lightning_diff.train``."""

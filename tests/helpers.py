@@ -1,9 +1,14 @@
-"""Shared test helpers: compose the project's Hydra configs in-process."""
+"""Shared test helpers: compose the project's Hydra configs in-process, read W&B offline runs, load and run the
+``experiments/<name>/run.py`` scripts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -11,7 +16,10 @@ from wandb.proto import wandb_internal_pb2
 
 from lightning_diff.config import CONFIG_DIR, compose
 
-__all__ = ["CONFIG_DIR", "compose_config", "read_wandb_records", "wandb_run_summary"]
+__all__ = ["CONFIG_DIR", "compose_config", "load_experiment", "read_wandb_records", "run_experiment_quick",
+           "wandb_run_summary"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path | None = None):
@@ -66,3 +74,20 @@ def wandb_run_summary(path: Path) -> dict:
             exited = True
     return {"id": run.run_id, "group": run.run_group, "name": run.display_name, "commit": run.git.commit,
             "config": config, "history": history, "exited": exited}
+
+
+def load_experiment(name: str):
+    """``experiments/<name>/run.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / name / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_experiment_quick(name: str, *args: str, timeout: float = 1200) -> None:
+    """Run ``python experiments/<name>/run.py --quick <args>`` from the repository root in a subprocess (one intra-op
+    thread, W&B offline); a failure shows the tail of its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / name / "run.py"), "--quick", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -22,12 +22,13 @@ LAYERS = {
     "pretrained": 3, "module": 3,
     "evaluation": 4, "callbacks": 4, "builders": 4, "reports": 4,
     "train": 5, "sample": 5, "evaluate": 5, "leaderboard": 5, "classifier": 5,  # the entry points
-    "distillation": 5, "reflow": 5,
+    "distillation": 5, "reflow": 5, "reproduction": 5,
     "cli": 6,
 }
+# (reproduction is the entry point of the experiments/repro_*/run.py scripts: it trains through lightning_diff.train)
 ENTRY_POINTS = {"lightning_diff.train", "lightning_diff.sample", "lightning_diff.evaluate",
                 "lightning_diff.leaderboard", "lightning_diff.classifier", "lightning_diff.distillation",
-                "lightning_diff.reflow", "lightning_diff.cli"}
+                "lightning_diff.reflow", "lightning_diff.reproduction", "lightning_diff.cli"}
 
 
 def _module_name(path: Path) -> str:

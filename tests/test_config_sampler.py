@@ -1,6 +1,6 @@
-"""One ``sampler`` group (name, steps, options, batch_size) for train, sample, evaluate and the callbacks, one
-word per meaning, and a step count the formulation cannot do refused at config time, naming ``sampler.steps``,
-the value and the allowed range."""
+"""One ``sampler`` group (name, steps, time_steps, options, batch_size) for train, sample, evaluate and the
+callbacks, one word per meaning, and a step count the formulation cannot do refused at config time, naming
+``sampler.steps``, the value and the allowed range."""
 
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from .helpers import compose_config
 QUIET = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
          "callbacks.sample_grid.num_samples=4"]
 TOY = ["data=toy2d", "network=mlp", "network.hidden=16", "network.depth=1", *QUIET]
-SAMPLER_KEYS = {"name", "steps", "options", "batch_size"}
+SAMPLER_KEYS = {"name", "steps", "time_steps", "options", "batch_size"}
 OTHER_SPELLINGS = {"sample_steps", "num_steps", "sampler_options", "sampling_batch_size"}
 
 

@@ -21,7 +21,7 @@ from lightning_diff.denoiser import Denoiser
 from lightning_diff.distillation import ProgressiveDistillation, distill, distillation_target, loss_weight, round_grids
 from lightning_diff.networks import MLP
 
-from .helpers import compose_config
+from .helpers import compose_config, load_experiment, run_experiment_quick
 
 f64 = torch.float64
 MIX = GaussianMixture([[-1.0, 0.5], [1.0, -0.5], [0.3, 1.2]], [0.3, 0.4, 0.25], [0.5, 0.3, 0.2])
@@ -121,6 +121,9 @@ def test_rounds_halve_steps_and_each_student_starts_as_its_teacher():
     assert [(r["round"], r["steps"]) for r in module.history] == [(0, 4), (1, 2)]
     assert {"student_rms_to_base", "teacher_rms_to_base"} <= set(module.history[0])
     assert module.teacher is not module.reference  # round 1 was taught by round 0's student
+    # the rms_to_base baseline is sampled once: the round-0 teacher's 8-step DDIM on the quality seeds
+    assert module.base_samples() is module.base_samples()
+    assert torch.equal(module.base_samples(), module.ddim_samples(teacher, module.grids[0], range(8)))
     with pytest.raises(ValueError, match="not an nn.Module.*allowed: pass student="):
         ProgressiveDistillation(MIX, steps=4, rounds=1)
 
@@ -140,3 +143,26 @@ def test_cli_distils_a_train_checkpoint(digits_ckpt, tmp_path):
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
     torch.testing.assert_close(images, student.sample(range(3), sigmas=torch.tensor(result["sigmas"]),
                                                       sampler={"name": "ddim"}), rtol=0, atol=0)
+
+
+def test_repro_table_puts_each_round_in_its_row():
+    run = load_experiment("repro_distillation")  # here, not at import: matplotlib
+    history = [{"steps": n, **{f"{who}_{k}": float(n + (who == "teacher")) for who in ("student", "teacher")
+                               for k in ("fd", "rms_to_base", "realistic")}} for n in (32, 16)]
+    lines = run.round_table(history, {"fd": 9.0, "rms_to_base": 0.0, "realistic": 0.5}).splitlines()
+    assert lines[0] == ("| DDIM steps | student fd | teacher fd | student rms_to_base | teacher rms_to_base | "
+                        "student realistic | teacher realistic |")
+    assert lines[2] == "| 64 (teacher) | 9 | 9 | 0 | 0 | 0.5 | 0.5 |"
+    assert lines[4] == "| 16 | 16 | 17 | 16 | 17 | 16 | 17 |"
+
+
+@pytest.mark.slow
+def test_repro_quick_run_writes_table_record_and_figure(tmp_path):
+    import json
+
+    run_experiment_quick("repro_distillation", "--out", str(tmp_path), timeout=900)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [r["steps"] for r in record["history"]] == [32, 16]
+    assert all(math.isfinite(r["student_fd"]) and 0 <= r["teacher_realistic"] <= 1 for r in record["history"])
+    assert "| 64 (teacher) |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "distillation.png").stat().st_size > 10_000

@@ -12,13 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diff.callbacks import EMA, EDMHalfLife, FixedDecay
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
 
 
 class MixedNet(pl.LightningModule):

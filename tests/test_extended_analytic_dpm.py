@@ -20,13 +20,7 @@ from lightning_diff.extended_analytic_dpm import SecondMoment, denoise_with_head
 from lightning_diff.formulations import EDM, VP
 from lightning_diff.module import SamplerSettings
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
 
 
 MU, S, DIM = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64), 0.6, 3

@@ -8,13 +8,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from lightning_diff.metrics import fid_helper_weights_path, resolve_inception_weights
 from lightning_diff.metrics.extractor import build_extractor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
 
 
 def test_channels_last_features_equal_torch_fidelity(tmp_path):

@@ -16,15 +16,9 @@ from lightning_diff.data.transforms import from_uint8, to_uint8
 
 from .helpers import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

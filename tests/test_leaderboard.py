@@ -12,27 +12,29 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lightning_diff.evaluate import evaluate
 from lightning_diff.evaluation.records import RECORD_VERSION, read_record
-from lightning_diff.leaderboard import CSV_COLUMNS, build, collect, collect_wandb, csv_rows, leaderboard, write_outputs
+from lightning_diff.leaderboard import (
+    CSV_COLUMNS,
+    build,
+    collect,
+    collect_wandb,
+    csv_rows,
+    leaderboard,
+    to_markdown,
+    write_outputs,
+)
 from lightning_diff.train import train
 
 from .helpers import compose_config, read_wandb_records, wandb_run_summary
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["callbacks.progress=null", "++trainer.enable_progress_bar=false", "callbacks.sample_grid=null", "data=digits",
         "network.model_channels=8", "trainer.max_steps=3", "data.batch_size=16"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _evaluate(ckpt, cache, sampler, *extra):
@@ -77,6 +79,7 @@ def test_records_carry_uncertainty_protocol_and_provenance(runs):
     assert fid["min"] == record["metrics"]["fid"] == fid["mean"] and fid["n"] == 1 and fid["spread"] == 0
     samples = record["protocol"]["samples"]
     assert len(samples["reference_sha256"]) == 64 and samples["extractor"].startswith("inception-v3-compat-pool3@")
+    assert samples["labels"] is None  # an unconditional model
     prov = record["provenance"]
     assert len(prov["git_commit"]) == 40 and isinstance(prov["git_dirty"], bool) and prov["wall_time_s"] > 0
     assert prov["packages"]["torch"] and prov["config_hash"] and prov["hardware"]["cpu_count"] >= 1
@@ -88,7 +91,7 @@ def test_training_callback_record_is_in_the_offline_wandb_run(runs):
     """The VP run's fit-end FID: a record of the same shape beside its checkpoints and in its W&B summary."""
     disk = read_record(next((runs["vp_dir"] / "checkpoints").glob("eval-train-generative_metrics-step3.json")))
     assert disk["kind"] == "training" and disk["run"]["training_images"] == 48 and "fid" in disk["uncertainty"]
-    wandb_file = next(runs["vp_dir"].glob("wandb/offline-run-*/run-*.wandb"))
+    wandb_file = sorted(runs["vp_dir"].glob("wandb/offline-run-*/run-*.wandb"))[0]  # the training (then evaluate)
     summary = {}
     for record in read_wandb_records(wandb_file):
         if record.WhichOneof("record_type") == "summary":
@@ -98,6 +101,26 @@ def test_training_callback_record_is_in_the_offline_wandb_run(runs):
     assert payload["provenance"]["config_hash"] == disk["provenance"]["config_hash"]
     logged = [*summary, *wandb_run_summary(wandb_file)["history"]]
     assert any(k.startswith("records/generative_metrics_table") for k in logged)  # the W&B Table
+
+
+def test_evaluate_adds_its_record_to_the_wandb_run_that_trained_the_checkpoint(runs):
+    """``lightning-diff evaluate`` (``wandb=auto``): the VP run's evaluations land in its own W&B run (same id, a new
+    offline folder each) as summary ``records/evaluate-<file>``; the CSV-logged EDM run gets no W&B run."""
+    files = sorted(runs["vp_dir"].glob("wandb/offline-run-*/run-*.wandb"))
+    assert len({wandb_run_summary(f)["id"] for f in files}) == 1 and len(files) >= 3  # training + 2 evaluations
+    summary = {}
+    for wandb_file in files:
+        for record in read_wandb_records(wandb_file):
+            if record.WhichOneof("record_type") == "summary":
+                summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                for i in record.summary.update})
+    evaluated = [r for r in runs["evaluated"] if r["run"]["formulation"] == "VP"]
+    assert evaluated
+    for disk in evaluated:
+        payload = summary[f"records/evaluate-{Path(disk['path']).stem}"]
+        assert payload["metrics"] == disk["metrics"] and payload["kind"] == "evaluate"
+        assert payload["provenance"]["config_hash"] == disk["provenance"]["config_hash"]
+    assert not (runs["edm_dir"] / "wandb").exists()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +143,27 @@ def test_ranking_and_protocol_groups(board, runs):
     assert [r["source"] for r in other.rows] == [runs["other"]["path"]] and other.protocol["num_images"] == 5
     assert {r["formulation"] for r in main.rows} == {"EDM", "VP"} and {r["sampler"] for r in main.rows} == {
         "heun", "euler"}
+    # The sampler's options tell rows of one sampler apart (configs/sampler/heun.yaml's churn settings)
+    assert {r["options"] for r in main.rows if r["sampler"] == "heun" and r["source"] in evaluated} == {
+        "S_churn=0, S_noise=1, S_tmax=inf, S_tmin=0"}
+    assert "| heun | S_churn=0, S_noise=1, S_tmax=inf, S_tmin=0 |" in to_markdown(board)
     assert board.skipped == []
+
+
+def test_bits_per_dim_ranks_lowest_first_and_groups_by_its_own_protocol(runs):
+    """metric=bpd: the likelihood section's protocol (split, images, dequantization, offset) groups the rows, not
+    the sampling one; a record without bpd (the FID ones) is not a row."""
+    bpd = ["metrics=[fid,bpd]", "metrics.bpd.rtol=1e-2", "metrics.bpd.atol=1e-2", "metrics.bpd.batch_size=2"]
+    checkpoints = sorted({r["run"]["checkpoint"] for r in runs["evaluated"]})  # the EDM and the VP run
+    records = [_evaluate(ckpt, runs["cache"], "heun", *bpd, f"metrics.bpd.num_images={n}", f"name=bpd{n}")
+               for ckpt in checkpoints for n in (2, 3)]
+    for record in records:  # out of the shared runs' folders: the other tests count their records
+        Path(record["path"]).unlink()
+    board = build([*records, *runs["evaluated"]], "bpd")
+    assert [[row["source"] for row in group.rows] for group in board.groups] == [
+        [r["path"] for r in sorted(records[n::2], key=lambda r: r["metrics"]["bpd"])] for n in (0, 1)]
+    assert [group.protocol["num_images"] for group in board.groups] == [2, 3] and board.differing == ["num_images"]
+    assert {group.protocol["split"] for group in board.groups} == {"val"}  # digits have no test split: val, named
 
 
 def test_published_row_and_reproduces(runs):
@@ -181,6 +224,11 @@ def test_bad_inputs_are_skipped_by_name_and_the_rest_renders(runs, tmp_path):
     other_stats["protocol"]["samples"]["reference_sha256"] = "0" * 64
     other_stats["provenance"]["config_hash"] = "elsewhere"
     (bad / "eval-otherstats.json").write_text(json.dumps(other_stats))
+    # Other statistics of the same reference set in another extractor's features compare in their own group.
+    other_features = json.loads(json.dumps(other_stats))
+    other_features["protocol"]["samples"]["extractor"] = "small_classifier_digits@0123456789ab"
+    other_features["provenance"]["config_hash"] = "features"
+    (bad / "eval-otherfeatures.json").write_text(json.dumps(other_features))
     (tmp_path / "empty").mkdir()
     skipped = []
     records, _ = collect([str(runs["edm_dir"]), str(bad), str(tmp_path / "empty"), str(tmp_path / "missing")],
@@ -194,7 +242,9 @@ def test_bad_inputs_are_skipped_by_name_and_the_rest_renders(runs, tmp_path):
     assert "record_version=1" in reasons[str(bad / "eval-old.json")]
     assert "second record of the same run" in reasons[str(bad / "eval-again.json")]
     assert "other reference statistics" in reasons[str(bad / "eval-otherstats.json")]
-    assert sum(len(g.rows) for g in board.groups) == 3  # the EDM run's own three records
+    assert sum(len(g.rows) for g in board.groups) == 4  # the EDM run's own three records and other_features
+    assert [r["source"] for g in board.groups for r in g.rows if g.protocol["extractor"].startswith("small")] == [
+        str(bad / "eval-otherfeatures.json")]
     paths = write_outputs(board, tmp_path / "out", with_figures=False)
     page = paths["html"].read_text()
     assert all(name in page for name in reasons) and "eval-corrupt.json" in paths["md"].read_text()

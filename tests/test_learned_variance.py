@@ -34,17 +34,11 @@ from lightning_diff.sampling.ancestral import ddpm as ddpm_sampler
 
 from .helpers import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 MIRROR = Path("/work/.mirror/openai+guided-diffusion/repo")
 C = 2  # data channels
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 swapped in) and at fit end (EMA copied in), log ``metrics/fid`` and ``metrics/bpd`` and keep the protocol."""
 
 import csv
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import pytest
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_diff.callbacks import EMA, BitsPerDim, GenerativeMetrics
-from lightning_diff.train import train
+from lightning_diff.train import optimized_value, train
 
 from .helpers import compose_config
 
@@ -38,6 +39,15 @@ def test_callbacks_log_their_metrics_in_a_short_fit(tmp_path):
     assert fids[0] == pytest.approx(fids[1], rel=1e-6)  # module.log stores float32
     assert result["metrics/fid"] == pytest.approx(fids[0], rel=1e-6)  # logged through module.log: monitorable
     assert all(math.isfinite(v) and v > 0 for v in fids + bpds)
+    # what a sweeper optimises is read back from the fit-end records on disk (the numbers a leaderboard ranks)
+    records = {key: json.loads(Path(path).read_text()) for key, path in result.items() if key.startswith("record/")}
+    assert set(records) == {"record/generative_metrics", "record/bits_per_dim"}
+    assert optimized_value(result, "fid") == records["record/generative_metrics"]["metrics"]["fid"]
+    assert optimized_value(result, "fid") == pytest.approx(fids[1], rel=1e-6)
+    assert optimized_value(result, "bpd") == pytest.approx(bpds[0], rel=1e-6)
+    assert optimized_value(result, "train/loss") == result["train/loss"]
+    with pytest.raises(ValueError, match="optimized_metric='kid_mean': no evaluation record of this run holds it"):
+        optimized_value(result, "kid_mean")
 
 
 class _SummaryOnlyWandb(WandbLogger):

@@ -17,13 +17,7 @@ from lightning_diff.sampling import ClassifierGuidance
 
 from .pretrained_fixtures import guided_diffusion_script_util, write_adm_classifier_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
 
 
 # name -> (EncoderUNetModel arguments, the flags a user pastes)

@@ -206,7 +206,8 @@ def test_evaluate_released_model_against_published_statistics(edm_cond, tmp_path
     read and the record names the file and its SHA-256."""
     path, _ = edm_cond
     module = load_module(str(path))
-    samples, _, _ = generate(module, range(4), sampler={"name": "heun", "steps": 2}, progress=False)
+    samples, labels, _ = generate(module, range(4), sampler={"name": "heun", "steps": 2}, progress=False)
+    assert labels.tolist() == [0, 1, 2, 3]  # what the records' protocol says: "labels": "seed % 4"
     extractors = Extractors.build(("fid",), str(fid_helper_weights_path()), device="cpu")
     pool3 = extractors.inception.convert_features_tuple_to_dict(extractors.inception(to_uint8(samples)))["2048"]
     features = pool3.double().numpy()
@@ -224,6 +225,7 @@ def test_evaluate_released_model_against_published_statistics(edm_cond, tmp_path
         assert reference["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
         assert reference["layout"] == ("guided-diffusion reference batch" if adm_layout else "NVlabs/edm fid-refs")
         assert record["protocol"]["weights"] == "released" and record["protocol"]["pretrained"]["format"] == "edm"
+        assert record["protocol"]["samples"]["labels"] == "seed % 4"
 
 
 def test_evaluate_released_model_needs_data_or_a_statistics_file(edm_cond, tmp_path):

@@ -15,18 +15,11 @@ import torch
 from lightning_diff.pretrained import diffusers_folder
 from lightning_diff.sampling.ancestral import ddim
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 diffusers = pytest.importorskip("diffusers", reason="diffusers (dev / extra 'pretrained') is not installed")
 
 TIMESTEPS = (0, 1, 500, 999)  # sigma from ~0.01 to ~160 for the schedules below
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny networks run several times faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -16,18 +16,11 @@ import torch
 from lightning_diff.networks import DiT
 from lightning_diff.pretrained import dit as dit_format
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dit" / "models.py"
 TIMESTEPS = (0, 1, 250, 999)  # sigma from 0.01 to 157 on DiT's grid
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny networks run several times faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

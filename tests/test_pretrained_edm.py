@@ -20,6 +20,8 @@ from lightning_diff.pretrained.edm import load
 
 from .pretrained_fixtures import edm_networks, reference_or_skip, write_edm_pickle
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 SIGMAS = (0.002, 0.02, 0.2, 2.0, 20.0, 80.0)  # the issue's range of noise levels
 TOLERANCE = 1e-5  # max |ours - EDM| / max |EDM|, float32
 
@@ -44,15 +46,6 @@ PRECONDS = {
 }
 # (label_dim, augment_dim) per variant: conditional / not, with EDM's 9 augmentation labels / without.
 CONDITIONS = {"uncond": (0, 0), "cond-aug9": (4, 9)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny forward passes are 50x slower when two threads share a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _relative(ours: torch.Tensor, ref: torch.Tensor) -> float:

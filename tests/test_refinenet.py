@@ -15,17 +15,11 @@ import torch
 
 from lightning_diff.networks import RefineNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 MIRROR = Path("/work/.mirror/ermongroup+ncsnv2/repo")
 FILES = ("__init__.py", "layers.py", "normalization.py", "ncsn.py", "ncsnv2.py")
 PACKAGE = "ncsnv2_reference_models"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

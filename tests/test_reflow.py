@@ -32,16 +32,10 @@ from lightning_diff.networks import MLP
 
 from .helpers import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 MU, S = torch.tensor([1.0, -0.5]), 0.5  # the Gaussian data N(MU, S^2 I)
 T_MAX = 1 - 1e-3  # RectifiedFlow's default t_max: the ODE starts at x = T_MAX z, not at t = 1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class CoupledGaussian:

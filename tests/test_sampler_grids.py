@@ -17,16 +17,13 @@ from lightning_diff.analytic import GaussianMixture
 from lightning_diff.sampling import schedules
 from lightning_diff.sampling.core import check_grid
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 f64 = torch.float64
 MU, S = torch.tensor([0.3, -0.2], dtype=f64), 0.5
 GAUSS = GaussianMixture(MU, S)
 MIX = GaussianMixture([[-1.0, 0.5], [1.0, -0.5], [0.3, 1.2]], [0.3, 0.4, 0.25], [0.5, 0.3, 0.2])
 VP = formulations.get("vp")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def _start(sigma, n=16, seed=0):

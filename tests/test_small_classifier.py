@@ -27,15 +27,9 @@ from lightning_diff.module import SamplerSettings
 
 from .helpers import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
+
 NAME = "small_classifier_digits"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

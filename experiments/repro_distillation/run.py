@@ -1,93 +1,155 @@
 """Progressive distillation on 8x8 digits (Salimans & Ho 2022): 64 -> 32 -> 16 -> 8 -> 4 DDIM steps.
 
-Trains the demo's EDM teacher (configs/experiment/edm_digits.yaml) unless ``--teacher CKPT`` is given, distils it
-with ``lightning_diff.distillation.ProgressiveDistillation`` and prints, per round, the student's quality and the
-teacher's DDIM quality at the same step count (a Markdown table, pasted into README.md):
+Trains the demo's EDM teacher (configs/experiment/edm_digits.yaml; cached by ``reproduction.trained``) unless
+``--teacher CKPT`` is given, distils it with ``lightning_diff.distillation.ProgressiveDistillation`` and measures, per
+round, the student's deterministic DDIM samples and the teacher's DDIM samples at the same step count on the same
+seeds 0..N-1:
 
-- ``rms_to_base``: RMS distance (model space [-1, 1]) of the samples to the teacher's 64-step DDIM samples from the
-  same noise (seeds 0..N-1): how well the few-step sampler reproduces the many-step one.
+- ``fd``: Fréchet distance to the training digits in the small digits classifier's features (the reproductions'
+  quality measure, ``metrics/small_classifier.py``; lower is better);
+- ``rms_to_base``: RMS distance (model space [-1, 1]) to the teacher's 64-step DDIM samples from the same noise:
+  how well the few-step sampler reproduces the many-step one;
 - ``realistic``: share of samples at most as far from the nearest training digit as 95% of held-out real digits
   are (the realism check of experiments/edm_digits/check_digits.py; uniform noise scores 0%).
 
-Usage: ``python experiments/repro_distillation/run.py [--teacher CKPT] [--steps-per-round 400] [--out DIR]``
+Writes ``table.md``, ``results.json`` and ``distillation.png`` into ``--out`` (and, without ``--quick``, copies them
+next to this script).
+
+Usage: ``python experiments/repro_distillation/run.py [--teacher CKPT] [--steps-per-round 400] [--out DIR] [--quick]``
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
+import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import pytorch_lightning as pl
-import torch
-from sklearn.model_selection import train_test_split
-from sklearn.neighbors import NearestNeighbors
+import matplotlib
 
-from lightning_diff.builders import build_datamodule, load_module
-from lightning_diff.config import compose
-from lightning_diff.data.digits import digits_uint8
-from lightning_diff.distillation import ProgressiveDistillation
-from lightning_diff.train import train
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from sklearn.neighbors import NearestNeighbors  # noqa: E402
+
+from lightning_diff.builders import build_datamodule, load_module  # noqa: E402
+from lightning_diff.config import compose  # noqa: E402
+from lightning_diff.data.digits import digits_uint8  # noqa: E402
+from lightning_diff.data.transforms import to_uint8  # noqa: E402
+from lightning_diff.distillation import ProgressiveDistillation  # noqa: E402
+from lightning_diff.evaluation import split_batch, split_view  # noqa: E402
+from lightning_diff.metrics import compute_metrics  # noqa: E402
+from lightning_diff.metrics.small_classifier import extractor_name  # noqa: E402
+from lightning_diff.reproduction import QUICK_TRAINING, argument_parser, markdown_table, trained, write_results  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TEACHER = ["experiment=edm_digits"]
+BASE_STEPS = 64  # the round-0 teacher's DDIM steps (Salimans & Ho: 1024 on CIFAR-10)
 
 
 def realism():
-    """``samples [N, 1, 8, 8] in [-1, 1] -> {"realistic": share}`` (check_digits.py's nearest-neighbour test)."""
+    """``samples [N, 1, 8, 8] in [-1, 1] -> share`` (check_digits.py's nearest-neighbour test)."""
     x_int, labels = digits_uint8()
     x = x_int.numpy().reshape(len(x_int), -1) / 255.0
     x_tr, x_te = train_test_split(x, test_size=0.2, random_state=0, stratify=labels.numpy())
     neighbours = NearestNeighbors(n_neighbors=1).fit(x_tr)
     threshold = np.quantile(neighbours.kneighbors(x_te)[0][:, 0], 0.95)
 
-    def quality(samples: torch.Tensor) -> dict:
+    def share(samples: torch.Tensor) -> float:
         images = ((samples.clamp(-1, 1) + 1) * 127.5).round().reshape(len(samples), -1).numpy() / 255.0
-        return {"realistic": float((neighbours.kneighbors(images)[0][:, 0] <= threshold).mean())}
+        return float((neighbours.kneighbors(images)[0][:, 0] <= threshold).mean())
 
-    return quality
+    return share
+
+
+def small_classifier_fd(data):
+    """``samples [N, *data_shape] in model space -> FD`` to ``data``'s training split in its small classifier's
+    features (the samples rounded to uint8 as the metrics do)."""
+    dataset, _, count = split_view(data, "train")
+    reference = split_batch(dataset, data.transform, 0, count)[0]
+
+    def fd(samples: torch.Tensor) -> float:
+        return compute_metrics(to_uint8(samples, data.transform), reference, ["fid"],
+                               feature_extractor=extractor_name(data.name), device="cpu")["fid"]
+
+    return fd
+
+
+def round_table(history: list[dict], base: dict) -> str:
+    """One row per DDIM step count: the round-0 teacher at ``BASE_STEPS``, then each round's student and the
+    teacher's own DDIM at the student's step count."""
+    keys = ("fd", "rms_to_base", "realistic")
+    header = ["DDIM steps", *(f"{who} {k}" for k in keys for who in ("student", "teacher"))]
+    rows = [[f"{BASE_STEPS} (teacher)", *(v for k in keys for v in (base[k], base[k]))]]
+    rows += [[r["steps"], *(r[f"{who}_{k}"] for k in keys for who in ("student", "teacher"))] for r in history]
+    return markdown_table(header, rows)
+
+
+def figure(history: list[dict], base: dict, path: Path) -> None:
+    """FD and RMS distance to the 64-step samples against DDIM steps: distilled student vs teacher DDIM."""
+    steps = [r["steps"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (("fd", "FD, small classifier (lower better)", "log"),
+              ("rms_to_base", f"RMS distance to the {BASE_STEPS}-step samples", "linear"))
+    for ax, (key, label, yscale) in zip(axes, panels, strict=True):
+        ax.plot(steps, [r[f"student_{key}"] for r in history], marker="o", label="distilled student (DDIM)")
+        ax.plot(steps, [r[f"teacher_{key}"] for r in history], marker="s", label="teacher (DDIM)")
+        ax.axhline(base[key], color="grey", linestyle=":", label=f"teacher, {BASE_STEPS} steps")
+        ax.set_xscale("log", base=2)
+        ax.set(yscale=yscale, xlabel="sampling steps", ylabel=label, xticks=steps, xticklabels=[str(s) for s in steps])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize=8)
+    fig.suptitle("Progressive distillation on digits (Salimans & Ho 2022, Fig. 4's shape)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__, "repro_distillation")
     parser.add_argument("--teacher", default=None, help="checkpoint of lightning-diff train (default: train one)")
     parser.add_argument("--steps-per-round", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seeds", type=int, default=512)
-    parser.add_argument("--out", default="outputs/repro_distillation")
     args = parser.parse_args()
+    if args.quick:
+        args.steps_per_round, args.rounds, args.seeds = 2, 2, 16
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    quick = list(QUICK_TRAINING) if args.quick else []
     if args.teacher is None:
-        cfg = compose(["experiment=edm_digits", "logger=csv", "callbacks.sample_grid=null", "trainer=cpu",
-                       "callbacks.progress=null", "++trainer.enable_progress_bar=false",
-                       f"paths.output_dir={out / 'teacher'}"], "train")
-        args.teacher = train(cfg)["checkpoint"]
-    print(f"teacher: {args.teacher} ({time.time() - start:.0f} s)")
-    module = load_module(args.teacher)
-    data = build_datamodule(compose(["data=digits"], "train"))
-    distiller = ProgressiveDistillation(module.denoiser, functools.partial(torch.optim.Adam, lr=args.lr), steps=64,
-                                        rounds=args.rounds, steps_per_round=args.steps_per_round,
-                                        data_shape=module.data_shape, quality_seeds=args.seeds, quality=realism())
+        module, data = trained("teacher", [*TEACHER, *quick], out / "runs")
+    else:
+        module, data = load_module(args.teacher), build_datamodule(compose(["data=digits"], "train"))
+    print(f"teacher ready ({time.time() - start:.0f} s)", flush=True)
+    pl.seed_everything(0)
+    share, fd = realism(), small_classifier_fd(data)
+    distiller = ProgressiveDistillation(
+        module.denoiser, functools.partial(torch.optim.Adam, lr=args.lr), steps=BASE_STEPS, rounds=args.rounds,
+        steps_per_round=args.steps_per_round, data_shape=module.data_shape, quality_seeds=args.seeds,
+        quality=lambda samples: {"fd": fd(samples), "realistic": share(samples)})
     trainer = pl.Trainer(accelerator="cpu", max_steps=args.rounds * args.steps_per_round, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0)
     trainer.fit(distiller, datamodule=data)
-    teacher64 = realism()(distiller.ddim_samples(distiller.reference, distiller.grids[0], range(args.seeds)))
-    rows = ["| DDIM steps | student rms_to_base | teacher rms_to_base | student realistic | teacher realistic |",
-            "|---|---|---|---|---|",
-            f"| 64 (teacher) | 0 | 0 | {teacher64['realistic']:.1%} | {teacher64['realistic']:.1%} |"]
-    for r in distiller.history:
-        rows.append(f"| {r['steps']} | {r['student_rms_to_base']:.4f} | {r['teacher_rms_to_base']:.4f} | "
-                    f"{r['student_realistic']:.1%} | {r['teacher_realistic']:.1%} |")
-    table = "\n".join(rows)
-    print(table)
-    (out / "history.json").write_text(json.dumps({"history": distiller.history, "teacher": str(args.teacher),
-                                                  "teacher_64": teacher64, "args": vars(args),
-                                                  "seconds": time.time() - start}, indent=1))
-    (out / "table.md").write_text(table + "\n")
+    samples = distiller.base_samples()
+    base = {"fd": fd(samples), "rms_to_base": 0.0, "realistic": share(samples)}
+    text = (f"EDM teacher on digits, distilled {args.rounds} rounds of {args.steps_per_round} Adam steps (lr "
+            f"{args.lr}, batch {data.batch_size}); deterministic DDIM on {args.seeds} seeds. fd: Fréchet distance "
+            f"in the small digits classifier's features (lower better); rms_to_base: RMS distance to the teacher's "
+            f"{BASE_STEPS}-step samples; realistic: share of samples as close to a training digit as 95% of "
+            f"held-out digits.\n\n{round_table(distiller.history, base)}")
+    write_results(out, text, {"history": distiller.history, "teacher_base": base, "args": vars(args),
+                              "teacher": args.teacher or TEACHER})
+    figure(distiller.history, base, out / "distillation.png")
+    print(f"done in {time.time() - start:.0f} s wall")
+    if not args.quick:
+        for name in ("table.md", "results.json", "distillation.png"):
+            shutil.copy(out / name, HERE / name)
 
 
 if __name__ == "__main__":

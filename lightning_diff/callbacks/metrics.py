@@ -31,7 +31,8 @@ __all__ = ["GenerativeMetrics", "BitsPerDim"]
 class _PeriodicEvaluation(pl.Callback):
     """Runs ``measure(trainer, module) -> (values, protocol)`` every n-th validation epoch and at fit end.
 
-    Attributes ``history``: one ``{"epoch", "step", "weights", "values", "protocol"}`` per evaluation."""
+    Attributes ``history``: one ``{"epoch", "step", "weights", "values", "protocol"}`` per evaluation;
+    ``artifacts``: ``{"record/<key>": path}`` of the newest record written (``lightning_diff.train`` returns it)."""
 
     key = "evaluation"  # W&B summary key of the protocol
     section = "samples"  # the protocol's section in the record (as lightning-diff evaluate writes it)
@@ -42,6 +43,7 @@ class _PeriodicEvaluation(pl.Callback):
                              "(0 = only when training ends)")
         self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
         self.history: list[dict] = []
+        self.artifacts: dict[str, str] = {}
 
     def measure(self, trainer, module, weights: str) -> tuple[dict, dict]:
         raise NotImplementedError
@@ -83,6 +85,7 @@ class _PeriodicEvaluation(pl.Callback):
                              wall_time_s=wall_time_s, cache_dir=config.get("cache_dir"))
         folder.mkdir(parents=True, exist_ok=True)
         record = write_record(folder, record, name=f"train-{self.key}-step{trainer.global_step}")
+        self.artifacts[f"record/{self.key}"] = record["path"]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 log_record_to_wandb(logger.experiment, record, self.key)

@@ -11,7 +11,7 @@ from rich.progress import Progress
 from ..module import SamplerSettings
 from ..sampling import PerSampleGenerator, initial_labels, initial_noise
 
-__all__ = ["generate"]
+__all__ = ["generate", "labels_protocol"]
 
 
 def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0,
@@ -82,6 +82,14 @@ def _check_decodable(module) -> None:
         raise ValueError(f"this model samples latents of shape {list(shape)} and has no decoder to turn them into "
                          "images; load it with the autoencoder: +pretrained.vae=<diffusers AutoencoderKL folder or "
                          "hf:// id> (Python: pretrained.load_pretrained(..., vae=...))")
+
+
+def labels_protocol(module, seed_protocol: str = "default") -> str | None:
+    """How ``generate`` (with no ``class_label``) labels the samples of ``module``, for protocol records: None for an
+    unconditional model, ``"seed % <classes>"`` or ``"drawn per seed (NVlabs/edm)"``."""
+    if not module.conditional:
+        return None
+    return "drawn per seed (NVlabs/edm)" if seed_protocol == "edm" else f"seed % {module.num_classes}"
 
 
 def _labels(module, seeds: list[int], num_classes: int, class_label: int | None,

@@ -23,7 +23,7 @@ from ..metrics import (
 )
 from ..metrics.extractor import INCEPTION_WEIGHTS_FILE
 from ..module import SamplerSettings
-from .generate import generate
+from .generate import generate, labels_protocol
 from .splits import reference_tag, split_batch, split_view
 
 __all__ = ["SAMPLE_METRICS", "METRIC_OPTIONS", "default_inception_weights", "sample_quality"]
@@ -106,6 +106,8 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
     transform = module.data_transform if published else datamodule.transform
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler).check(module.formulation)
     sampler_record = {**sampler.record(module.formulation), "guidance": guidance}
+    if module.grid is not None and sampler.steps is None:  # a distilled student samples on its own levels
+        sampler_record |= {"steps": len(module.grid) - 1, "time_steps": {"sigmas": module.grid.tolist()}}
     with Progress(disable=not progress, transient=True) as bar:
         key, reference_cached = None, None
         if published and "fid" in metrics:
@@ -157,7 +159,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
         sampler=sampler_record,
         nfe=stats.get("nfe"), seed_sets=seed_sets, reference_cached=reference_cached, metrics=metrics,
         metric_options=options, per_seed_set=out["per_seed_set"], best_seed_set=out["best_seed_set"],
-        seed_protocol=seed_protocol)
+        seed_protocol=seed_protocol, labels=labels_protocol(module, seed_protocol))
     return results, protocol
 
 

@@ -212,10 +212,14 @@ class RefineNet(nn.Module):
         level = c_noise.round().long()
         if c_noise.is_meta:  # shapes only (paper sizes built on the meta device): no values to check
             return level
-        if not torch.equal(level.to(c_noise.dtype), c_noise) or level.min() < 0 or level.max() >= self.num_levels:
+        valid = ((level.to(c_noise.dtype) == c_noise) & (level >= 0) & (level < self.num_levels)).all()
+        allowed = (f"allowed: level indices 0..{self.num_levels - 1} (formulation=ncsn with num_levels="
+                   f"{self.num_levels})")
+        if c_noise.device.type != "cpu":  # checked on the device: no host sync per forward
+            torch._assert_async(valid, f"RefineNet(num_levels={self.num_levels}): c_noise out of range; {allowed}")
+        elif not valid:
             raise ValueError(f"RefineNet(num_levels={self.num_levels}): c_noise holds {c_noise.tolist()[:4]}...; "
-                             f"allowed: level indices 0..{self.num_levels - 1} (formulation=ncsn with num_levels="
-                             f"{self.num_levels})")
+                             f"{allowed}")
         return level
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

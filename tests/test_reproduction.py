@@ -1,0 +1,44 @@
+"""The reproductions' shared harness (``lightning_diff.reproduction``): a training run is reused only when its
+overrides are the same, and every quality evaluation is a leaderboard record, replaced (not duplicated) on a rerun."""
+
+import json
+
+import pytest
+
+from lightning_diff.evaluation.records import read_record
+from lightning_diff.leaderboard import build, collect
+from lightning_diff.reproduction import markdown_table, quality, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["data=digits", "network.model_channels=8", "data.batch_size=16", "trainer.max_steps=2"]
+
+
+def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(tmp_path):
+    module, datamodule = trained("tiny", TINY, tmp_path)
+    ckpt = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
+    written = ckpt.stat().st_mtime_ns
+    trained("tiny", TINY, tmp_path)
+    assert ckpt.stat().st_mtime_ns == written  # same overrides: the finished run is reused
+    trained("tiny", [*TINY[:-1], "trainer.max_steps=3"], tmp_path)
+    assert json.loads((tmp_path / "tiny" / "overrides.json").read_text())[-1] == "trainer.max_steps=3"  # retrained
+
+    module, datamodule = trained("tiny", TINY, tmp_path)
+    sampler = {"name": "euler", "steps": 2}
+    first = quality(module, datamodule, sampler, num_images=8)
+    again = quality(module, datamodule, sampler, num_images=8)
+    assert first == again and first["nfe"] == 2 and first["fd"] > 0
+    records = sorted((tmp_path / "tiny" / "checkpoints").glob("eval-*.json"))
+    assert len(records) == 1  # the rerun replaced its record
+    record = read_record(records[0])
+    assert record["metrics"]["fid"] == first["fd"] and record["run"]["name"] == f"{tmp_path.name}/tiny"
+    assert record["protocol"]["samples"]["extractor"].startswith("small_classifier_digits")
+    quality(module, datamodule, {"name": "euler", "steps": 3}, num_images=8)
+    skipped = []
+    board = build(collect([str(tmp_path)], skipped)[0], "fid", skipped=skipped)
+    assert [sorted(row["nfe"] for row in group.rows) for group in board.groups] == [[2, 3]] and not board.skipped
+
+
+def test_markdown_table():
+    table = markdown_table(["a", "b"], [[1, 0.123456], ["x", 2.0]])
+    assert table == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| x | 2 |\n"
