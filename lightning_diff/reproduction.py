@@ -17,6 +17,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+from threadpoolctl import threadpool_limits
+
 from .builders import build_datamodule, load_module
 from .checkpoint_io import atomic_write, load_checkpoint
 from .config import compose
@@ -38,15 +41,32 @@ DIGITS_DDPM = ("experiment=edm_digits", "formulation=ddpm", "objective=hybrid", 
                "network.model_channels=16")
 
 
+class _ReproductionParser(argparse.ArgumentParser):
+    """Limits torch's intra-op threads and every BLAS/OpenMP pool of the process (numpy, scipy: threadpoolctl) to
+    ``--threads`` when the command line is parsed, for the rest of the process."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.threads < 1:
+            self.error(f"--threads={parsed.threads} is invalid; allowed: an integer >= 1")
+        torch.set_num_threads(parsed.threads)
+        threadpool_limits(limits=parsed.threads)  # not restored: holds for the rest of the process
+        return parsed
+
+
 def argument_parser(doc: str, name: str, *, models: bool = False) -> argparse.ArgumentParser:
     """The command line every reproduction shares: ``--out`` (default ``outputs/<name>``), ``--quick`` (a
-    seconds-long smoke run for the tests) and, with ``models``, ``--models`` (where the shared DDPM is cached);
-    the description is ``doc``'s first line. A script adds its own options to it."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    seconds-long smoke run for the tests), ``--threads`` (torch's and BLAS's threads, set when parsed; default 1, the
+    committed tables' setting: another count changes the order of float sums in training and sampling, hence the
+    numbers at the percent level, though not their shape) and, with ``models``, ``--models`` (where the shared DDPM is
+    cached); the description is ``doc``'s first line. A script adds its own options to it."""
+    parser = _ReproductionParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=f"outputs/{name}")
     if models:
         parser.add_argument("--models", default="outputs/repro_models", help="where the trained DDPM is cached")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: the committed tables; others change the last digits)")
     return parser
 
 

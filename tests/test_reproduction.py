@@ -4,10 +4,12 @@ overrides are the same, and every quality evaluation is a leaderboard record, re
 import json
 
 import pytest
+import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from lightning_diff.evaluation.records import read_record
 from lightning_diff.leaderboard import build, collect
-from lightning_diff.reproduction import markdown_table, quality, trained
+from lightning_diff.reproduction import argument_parser, markdown_table, quality, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,3 +44,20 @@ def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(
 def test_markdown_table():
     table = markdown_table(["a", "b"], [[1, 0.123456], ["x", 2.0]])
     assert table == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| x | 2 |\n"
+
+
+def test_command_line_pins_torch_and_blas_threads_and_refuses_zero(capsys):
+    """``--threads`` (default 1, the committed tables' setting) limits torch's and every BLAS/OpenMP pool's threads
+    as the command line is parsed: the numbers depend on the thread count."""
+    before = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=None):  # restores the pools' limits on exit
+            args = argument_parser("A reproduction.", "repro_x", models=True).parse_args(["--quick"])
+            assert (args.out, args.models, args.quick, args.threads) == ("outputs/repro_x", "outputs/repro_models",
+                                                                        True, 1)
+            assert torch.get_num_threads() == 1 and {pool["num_threads"] for pool in threadpool_info()} == {1}
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        argument_parser("A reproduction.", "repro_x").parse_args(["--threads", "0"])
+    assert "--threads=0 is invalid; allowed: an integer >= 1" in capsys.readouterr().err
