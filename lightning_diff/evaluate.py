@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .builders import build_datamodule, load_module, pretrained_flags, resolve_device
+from .callbacks.checkpoint import saved_wandb_run_id
 from .checkpoint_io import load_checkpoint
 from .config import CONFIG_DIR, wandb_offline
 from .evaluation import (
@@ -43,6 +44,9 @@ def evaluate(cfg: DictConfig) -> dict:
     ``{"record_version", "kind", "run", "checkpoint", "metrics", "uncertainty", "protocol", "provenance", "config",
     "path"}`` (``lightning_diff.evaluation.records``)."""
     started = time.perf_counter()
+    if cfg.get("wandb", "auto") not in ("auto", False):
+        raise ValueError(f"wandb={cfg.wandb!r} is invalid; allowed: auto (add the record to the W&B run that trained "
+                         "ckpt, when it logged to W&B) or false")
     names = selected_metrics(cfg.metrics)
     module = load_module(cfg.ckpt, weights=cfg.weights, pretrained=pretrained_flags(cfg.get("pretrained")))
     module = module.to(resolve_device(cfg.device))
@@ -88,7 +92,7 @@ def add_to_training_wandb_run(checkpoint: str, run_config: dict | None, record: 
     metric callbacks do during training: summary ``records/evaluate-<file stem>`` and a W&B Table. Online with an API
     key; offline otherwise (a new ``wandb/offline-run-*`` folder of the same run id in the training run's folder,
     which ``wandb sync`` appends to the run). Returns the run id, or None when the run did not log to W&B."""
-    run_id = load_checkpoint(checkpoint, mmap=True).get("wandb_run_id")
+    run_id = saved_wandb_run_id(checkpoint)
     logger = (run_config or {}).get("logger") or {}
     if run_id is None or "WandbLogger" not in str(logger.get("_target_")):
         return None

@@ -43,9 +43,8 @@ DIRECTIONS = {"fid": "min", "kid_mean": "min", "bpd": "min", "vlb_bpd": "min", "
 _LIKELIHOOD = {"bpd": "bpd", "vlb_bpd": "vlb"}  # metric -> protocol section; the rest are in "samples"
 _UNCERTAIN = {"fid": "fid", "kid_mean": "kid"}  # metric -> its uncertainty block in a record
 CSV_COLUMNS = ["group", "rank", "name", "kind", "formulation", "sampler", "options", "steps", "nfe", "weights",
-               "guidance",
-               "metric", "value", "mean", "min", "spread", "std", "seed_sets", "training_images", "reproduces",
-               "citation", "command", "source"]
+               "guidance", "metric", "value", "mean", "min", "spread", "std", "seed_sets", "training_images",
+               "reproduces", "citation", "command", "source"]
 
 
 @dataclass
@@ -176,7 +175,7 @@ def protocol_of(record: Mapping, metric: str) -> dict:
             "num_images": s.get("num_images"), "seed_sets": s.get("seed_sets"), "rounding": s.get("rounding")}
 
 
-def _options_text(sampler: Mapping) -> str:
+def _options_text(sampler: Mapping, labels: str | None = None) -> str:
     """``eta=0.2, guidance=2``: the sampler's options, the guidance when not 1, the class labels of a conditional
     model and time steps other than the formulation's (what tells two runs of one sampler at one NFE apart); empty
     when there are none."""
@@ -186,8 +185,8 @@ def _options_text(sampler: Mapping) -> str:
     options = dict(sampler.get("options") or {})
     if sampler.get("guidance") not in (None, 1, 1.0):
         options["guidance"] = sampler["guidance"]
-    if sampler.get("labels"):
-        options["labels"] = sampler["labels"]
+    if labels:
+        options["labels"] = labels
     steps = sampler.get("time_steps")
     if steps:
         options["time_steps"] = ("own levels" if "sigmas" in steps else
@@ -203,7 +202,7 @@ def _row(record: Mapping, metric: str) -> dict:
     nfe = samples.get("nfe") if metric not in _LIKELIHOOD else record["protocol"][_LIKELIHOOD[metric]].get("nfe")
     return {"rank": None, "name": run.get("name") or Path(str(run.get("dir"))).name, "kind": record["kind"],
             "formulation": run.get("formulation"), "sampler": sampler.get("name"),
-            "options": _options_text({**sampler, "labels": samples.get("labels")}),
+            "options": _options_text(sampler, samples.get("labels")),
             "steps": sampler.get("steps"),
             "nfe": nfe, "weights": record["protocol"].get("weights"), "guidance": sampler.get("guidance"),
             "metric": metric, "value": record["metrics"][metric], "mean": spread.get("mean"),
@@ -377,8 +376,7 @@ def _protocol_text(protocol: Mapping) -> str:
 
 
 _MD_COLUMNS = ["rank", "name", "formulation", "sampler", "options", "nfe", "weights", "value", "spread",
-               "training_images",
-               "reproduces", "citation"]
+               "training_images", "reproduces", "citation"]
 
 
 def to_markdown(board: Leaderboard) -> str:

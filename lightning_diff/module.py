@@ -107,9 +107,12 @@ class SamplerSettings:
     def sigmas(self, formulation: Formulation) -> torch.Tensor:
         """The grid this setting samples ``formulation`` on: decreasing float64 ``[steps + 1]`` ending in 0."""
         steps = self.steps_for(formulation)
-        try:
-            if self.time_steps is not None:
+        if self.time_steps is not None:
+            try:
                 return karras_sigmas(steps, **self.time_steps)
+            except ValueError as err:
+                raise ValueError(f"sampler.time_steps={self.time_steps}: {err}") from None
+        try:
             return formulation.sampling_sigmas(steps)
         except ValueError as err:
             raise ValueError(f"sampler.steps={steps} on formulation={formulation.name}: {err}") from None
@@ -356,6 +359,22 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- sampling ---------------------------------------------------------------------------------------
+    def sampling_sigmas(self, settings: SamplerSettings) -> torch.Tensor:
+        """The grid ``sample`` uses with ``settings``: a distilled student's own levels (``grid``) unless steps are
+        asked, else ``settings.sigmas(formulation)``; float64 ``[steps + 1]``."""
+        return self.grid if self._own_grid(settings) else settings.sigmas(self.formulation)
+
+    def _own_grid(self, settings: SamplerSettings) -> bool:
+        return self.grid is not None and settings.steps is None
+
+    def sampler_record(self, settings: SamplerSettings) -> dict:
+        """``settings.record`` for this module (protocols): with a distilled student's own levels, their step count
+        and ``time_steps: {"sigmas": [...]}``."""
+        record = settings.record(self.formulation)
+        if self._own_grid(settings):
+            record |= {"steps": len(self.grid) - 1, "time_steps": {"sigmas": self.grid.tolist()}}
+        return record
+
     @torch.no_grad()
     def sample(self, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
                sampler: SamplerSettings | Mapping | None = None, sigmas: torch.Tensor | None = None,
@@ -386,9 +405,8 @@ class DiffusionModule(pl.LightningModule):
         if data_shape is None:
             raise ValueError("DiffusionModule.sample: data_shape is unknown; pass data_shape=(C, H, W)")
         shape = tuple(data_shape)
-        if sigmas is None:  # a distilled student samples on its own levels unless steps are asked
-            own_grid = self.grid is not None and settings.steps is None
-            sigmas = self.grid if own_grid else settings.sigmas(self.formulation)
+        if sigmas is None:
+            sigmas = self.sampling_sigmas(settings)
         # snapped before the start noise is scaled by sigmas[0], as NVlabs/edm's sampler does
         sigmas = self.denoiser.round_sigma(sigmas.to(self.device, torch.float64))
         generator = sampling.PerSampleGenerator([int(s) for s in seeds], device=self._generator_device(seed_protocol),

@@ -66,7 +66,7 @@ def argument_parser(doc: str, name: str, *, models: bool = False) -> argparse.Ar
         parser.add_argument("--models", default="outputs/repro_models", help="where the trained DDPM is cached")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: the committed tables; others change the last digits)")
+                        help="torch and BLAS threads (1: the committed tables; others change the last digits)")
     return parser
 
 
@@ -75,7 +75,8 @@ def trained(name: str, overrides: Sequence[str], root: str | Path, *, weights: s
 
     The run is reused when ``<root>/<name>/overrides.json`` (written after a finished run) lists the same
     overrides and its ``checkpoints/last.ckpt`` exists; otherwise the folder is emptied (no other model's
-    checkpoints or records survive) and the run trained from scratch (seeded, so identical on rerun).
+    checkpoints or records survive; a line says what was thrown away and why) and the run trained from scratch
+    (seeded, so identical on rerun at the same ``--threads``).
     ``weights``: ``"ema"`` or ``"raw"``, as ``builders.load_module``.
     """
     run_dir = Path(root) / name
@@ -83,6 +84,10 @@ def trained(name: str, overrides: Sequence[str], root: str | Path, *, weights: s
     stamp, ckpt = run_dir / "overrides.json", run_dir / "checkpoints" / "last.ckpt"
     cfg = compose([*overrides, f"paths.output_dir={run_dir}"], "train")
     if not (stamp.is_file() and ckpt.is_file() and json.loads(stamp.read_text()) == overrides):
+        if run_dir.exists():  # never silently: say what is thrown away and why
+            why = (f"its overrides were {json.loads(stamp.read_text())}" if stamp.is_file()
+                   else "it did not finish (no overrides.json)")
+            print(f"reproduction: training {run_dir} again from scratch: {why}; now {overrides}", flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)  # another model's checkpoints and records must not survive
         ckpt = Path(train(cfg)["checkpoint"])
         stamp.write_text(json.dumps(overrides, indent=1))
@@ -158,10 +163,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str | Path, table: str, record: Mapping) -> None:
-    """Write ``table.md`` and ``results.json`` (``record``, JSON-ready) into ``out_dir`` and print the table."""
+def write_results(out_dir: str | Path, table: str, record: Mapping, figures: Mapping[str, object] | None = None, *,
+                  publish_to: str | Path | None = None) -> None:
+    """Write ``table.md``, ``results.json`` (``record``, JSON-ready) and each matplotlib figure of ``figures``
+    (``{"<file>.png": figure}``, laid out tight, 120 dpi) into ``out_dir``, print the table and, with ``publish_to``
+    (the script's folder on a full run), copy them all there: the committed results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    for name, fig in (figures or {}).items():
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
     print(table)
+    if publish_to is not None:
+        for name in ("table.md", "results.json", *(figures or {})):
+            shutil.copy(out_dir / name, Path(publish_to) / name)

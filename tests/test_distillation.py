@@ -143,6 +143,12 @@ def test_cli_distils_a_train_checkpoint(digits_ckpt, tmp_path):
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
     torch.testing.assert_close(images, student.sample(range(3), sigmas=torch.tensor(result["sigmas"]),
                                                       sampler={"name": "ddim"}), rtol=0, atol=0)
+    # evaluation records say so: the levels sampled on, not the formulation's default grid
+    from lightning_diff.module import SamplerSettings
+
+    own = student.sampler_record(SamplerSettings(name="ddim"))
+    assert own["steps"] == 1 and own["time_steps"] == {"sigmas": result["sigmas"]}
+    assert "time_steps" not in student.sampler_record(SamplerSettings(name="ddim", steps=4))
 
 
 def test_repro_table_puts_each_round_in_its_row():

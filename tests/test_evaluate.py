@@ -139,3 +139,11 @@ def test_kid_subset_larger_than_the_images_fails_before_any_work():
     with pytest.raises(ValueError, match=r"metrics.kid.subset_size=1000 .*metrics.num_images=256.*\[2, 256\]"):
         sample_quality(None, None, ["fid", "kid"], num_images=256, weights="ema", sampler=None,
                        options={"kid": {"subset_size": 1000}})
+
+
+def test_unknown_wandb_setting_is_refused_before_any_work():
+    """``wandb=`` takes auto or false; anything else (``wandb=yes``) is an error naming the setting, not a silent
+    'no W&B'."""
+    cfg = _evaluate_config(["ckpt=/nonexistent.ckpt", "wandb=yes"])
+    with pytest.raises(ValueError, match=r"wandb='yes' is invalid; allowed: auto .* or false"):
+        evaluate(cfg)

@@ -38,12 +38,18 @@ def test_edm_time_steps_on_vp_are_the_edm_formulations_grid_and_are_recorded():
     """``sampler.time_steps`` (the "heun, EDM time steps" curve) puts VP on the very grid EDM's own formulation
     samples on, says so in the protocol record, and refuses a setting it does not know."""
     settings = SamplerSettings(name="heun", steps=7, time_steps=run.EDM_STEPS)
+    i, rho = torch.arange(7, dtype=torch.float64), 7.0  # Karras et al. 2022 eq. 5, then sigma_N = 0
+    eq5 = (80.0 ** (1 / rho) + i / 6 * (0.002 ** (1 / rho) - 80.0 ** (1 / rho))) ** rho
+    torch.testing.assert_close(settings.sigmas(VP()), torch.cat([eq5, torch.zeros(1, dtype=torch.float64)]),
+                               rtol=1e-12, atol=0)
     assert torch.equal(settings.sigmas(VP()), EDM().sampling_sigmas(7))
     assert not torch.equal(SamplerSettings(name="heun", steps=7).sigmas(VP()), EDM().sampling_sigmas(7))
     assert settings.record(VP())["time_steps"] == run.EDM_STEPS
     assert "time_steps" not in SamplerSettings(name="heun", steps=7).record(VP())
     with pytest.raises(ValueError, match=r"sampler.time_steps: \['sigma_max_'\] .*allowed: sigma_min, sigma_max, rho"):
         SamplerSettings(name="heun", time_steps={"sigma_max_": 80.0})
+    with pytest.raises(ValueError, match=r"sampler.time_steps=\{'sigma_min': 80.0\}: .*sigma_min < sigma_max"):
+        SamplerSettings(name="heun", steps=7, time_steps={"sigma_min": 80.0}).sigmas(VP())
 
 
 def test_sampler_table_puts_each_curve_in_its_row():

@@ -16,13 +16,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["data=digits", "network.model_channels=8", "data.batch_size=16", "trainer.max_steps=2"]
 
 
-def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(tmp_path):
+def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(tmp_path, capsys):
     module, datamodule = trained("tiny", TINY, tmp_path)
     ckpt = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
     written = ckpt.stat().st_mtime_ns
     trained("tiny", TINY, tmp_path)
     assert ckpt.stat().st_mtime_ns == written  # same overrides: the finished run is reused
+    capsys.readouterr()
     trained("tiny", [*TINY[:-1], "trainer.max_steps=3"], tmp_path)
+    assert "training " + str(tmp_path / "tiny") + " again from scratch: its overrides were" in capsys.readouterr().out
     assert json.loads((tmp_path / "tiny" / "overrides.json").read_text())[-1] == "trainer.max_steps=3"  # retrained
 
     module, datamodule = trained("tiny", TINY, tmp_path)

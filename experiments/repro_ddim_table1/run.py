@@ -20,7 +20,6 @@ Usage: ``python experiments/repro_ddim_table1/run.py [--out DIR] [--models DIR] 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -72,7 +71,7 @@ def tables(scores: dict[str, dict[int, dict]], inception: dict[int, dict], incep
             f"row (both should rank the columns alike):\n\n{check}")
 
 
-def figure(scores: dict[str, dict[int, dict]], path: Path) -> None:
+def figure(scores: dict[str, dict[int, dict]]):
     """FD against S (log-log), one line per row."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for row, by_steps in scores.items():
@@ -84,8 +83,7 @@ def figure(scores: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_xticks(sorted({s for by_steps in scores.values() for s in by_steps}), minor=False)
     ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -108,11 +106,8 @@ def main() -> None:
               "scores": {row: {str(s): v for s, v in by_steps.items()} for row, by_steps in scores.items()},
               "inception_row": INCEPTION_ROW, "inception_images": inception_images,
               "inception": {str(s): v for s, v in inception.items()}}
-    write_results(out, table, record)
-    figure(scores, out / "fd_vs_steps.png")
-    if not args.quick:
-        for file in ("table.md", "results.json", "fd_vs_steps.png"):
-            shutil.copy(out / file, HERE / file)
+    write_results(out, table, record, {"fd_vs_steps.png": figure(scores)},
+                  publish_to=None if args.quick else HERE)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Usage: ``python experiments/repro_distillation/run.py [--teacher CKPT] [--steps-
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from pathlib import Path
 
@@ -89,7 +88,7 @@ def round_table(history: list[dict], base: dict) -> str:
     return markdown_table(header, rows)
 
 
-def figure(history: list[dict], base: dict, path: Path) -> None:
+def figure(history: list[dict], base: dict):
     """FD and RMS distance to the 64-step samples against DDIM steps: distilled student vs teacher DDIM."""
     steps = [r["steps"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -104,8 +103,7 @@ def figure(history: list[dict], base: dict, path: Path) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)
     fig.suptitle("Progressive distillation on digits (Salimans & Ho 2022, Fig. 4's shape)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -144,12 +142,9 @@ def main() -> None:
             f"{BASE_STEPS}-step samples; realistic: share of samples as close to a training digit as 95% of "
             f"held-out digits.\n\n{round_table(distiller.history, base)}")
     write_results(out, text, {"history": distiller.history, "teacher_base": base, "args": vars(args),
-                              "teacher": args.teacher or TEACHER})
-    figure(distiller.history, base, out / "distillation.png")
+                              "teacher": args.teacher or TEACHER},
+                  {"distillation.png": figure(distiller.history, base)}, publish_to=None if args.quick else HERE)
     print(f"done in {time.time() - start:.0f} s wall")
-    if not args.quick:
-        for name in ("table.md", "results.json", "distillation.png"):
-            shutil.copy(out / name, HERE / name)
 
 
 if __name__ == "__main__":

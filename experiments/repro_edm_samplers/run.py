@@ -13,7 +13,6 @@ Usage: ``python experiments/repro_edm_samplers/run.py [--out DIR] [--quick]``
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -88,7 +87,7 @@ def sampler_table(results: dict) -> str:
     return markdown_table(header, body)
 
 
-def figure(results: dict, churn: list[dict], path: Path) -> None:
+def figure(results: dict, churn: list[dict]):
     """FD vs NFE (log x) per model, and FD vs S_churn."""
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(5 * (len(results) + 1), 4))
     for ax, (model, rows) in zip(axes, results.items(), strict=False):
@@ -104,8 +103,7 @@ def figure(results: dict, churn: list[dict], path: Path) -> None:
     ax.set(xticks=[r["S_churn"] for r in churn], xticklabels=[f"{r['S_churn']:g}" for r in churn],
            xlabel="S_churn", ylabel="FD (small classifier)",
            title=f"EDM model, stochastic Heun, NFE {churn[0]['nfe']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -129,11 +127,8 @@ def main() -> None:
              f"lower is better.\n\n{sampler_table(results)}\nStochastic Heun (EDM Algorithm 2) of the EDM model, "
              f"{churn_steps} steps:\n\n{churn_table}\nInception FID of the EDM model's Heun {churn_steps} steps "
              f"(S_churn 0): {fid['fid']:.4g} (small-classifier FD {fid['fd']:.4g}).\n")
-    write_results(out, table, {"samplers": results, "churn": churn, "inception_row": fid, "num_images": num_images})
-    figure(results, churn, out / "fd_vs_nfe.png")
-    if not args.quick:
-        for name in ("table.md", "results.json", "fd_vs_nfe.png"):
-            shutil.copy(out / name, HERE / name)
+    write_results(out, table, {"samplers": results, "churn": churn, "inception_row": fid, "num_images": num_images},
+                  {"fd_vs_nfe.png": figure(results, churn)}, publish_to=None if args.quick else HERE)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Usage: ``python experiments/repro_formulations/run.py [--out DIR] [--quick]``
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -100,7 +99,7 @@ def results_table(rows: list[dict]) -> str:
         for r in rows])
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict]):
     """Bars: FD with the own sampler and with Heun-35 per formulation (log y)."""
     names = [r["formulation"] for r in rows]
     x = torch.arange(len(rows)).tolist()
@@ -110,8 +109,7 @@ def figure(rows: list[dict], path: Path) -> None:
     ax.set(xticks=x, xticklabels=names, yscale="log", ylabel="FD (small classifier)",
            title="Eight formulations, equal training budget (digits 8x8)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -127,11 +125,8 @@ def main() -> None:
              f"probability-flow ODE on {budget['bpd_images']} held-out digits (RK45 rtol = atol = {BPD['rtol']:g}).\n\n"
              f"{results_table(rows)}\nInception FID of the EDM model's Heun-35 samples: {fid['fid']:.4g} "
              f"(small-classifier FD {fid['fd']:.4g}).\n")
-    write_results(out, table, {"rows": rows, "inception_row": fid, "budget": budget, "bpd_settings": BPD})
-    figure(rows, out / "fd_by_formulation.png")
-    if not args.quick:
-        for name in ("table.md", "results.json", "fd_by_formulation.png"):
-            shutil.copy(out / name, HERE / name)
+    write_results(out, table, {"rows": rows, "inception_row": fid, "budget": budget, "bpd_settings": BPD},
+                  {"fd_by_formulation.png": figure(rows)}, publish_to=None if args.quick else HERE)
 
 
 if __name__ == "__main__":

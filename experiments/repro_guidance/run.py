@@ -17,7 +17,6 @@ Usage: ``python experiments/repro_guidance/run.py [--out DIR] [--quick]``
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -81,7 +80,7 @@ def table(rows: list[dict]) -> str:
                           [[r["gamma"], r["w"], r["accuracy"], r["fd"], r["kid"], r.get("fid", "")] for r in rows])
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict]):
     """Left: FD against the class error 1 - accuracy (symlog), one point per gamma (Ho & Salimans' FID-vs-IS
     trade-off curve; fidelity grows to the left). Right: accuracy and FD against gamma."""
     fig, (ax, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -100,8 +99,7 @@ def figure(rows: list[dict], path: Path) -> None:
     twin.set(ylabel="class accuracy")
     right.legend(handles=[*right.get_lines(), *twin.get_lines()], loc="center right", fontsize=8)
     fig.suptitle("Classifier-free guidance on digits (the shape of Ho & Salimans 2022's FID-IS trade-off)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -119,11 +117,8 @@ def main() -> None:
             f"to published FIDs).\n\n"
             f"{table(rows)}")
     write_results(out, text, {"rows": rows, "num_images": num_images, "sampler": SAMPLER, "model": MODEL,
-                              "small_classifier_held_out_accuracy": held_out})
-    figure(rows, out / "guidance.png")
-    if not args.quick:
-        for name in ("table.md", "results.json", "guidance.png"):
-            shutil.copy(out / name, HERE / name)
+                              "small_classifier_held_out_accuracy": held_out},
+                  {"guidance.png": figure(rows)}, publish_to=None if args.quick else HERE)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Usage: ``python experiments/repro_likelihood/run.py [--out DIR] [--models DIR] [
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -46,7 +45,7 @@ def vlb_table(vlb: dict[str, dict[int, float]]) -> str:
                           [[variance, *(by_steps[k] for k in steps)] for variance, by_steps in vlb.items()])
 
 
-def figure(vlb: dict[str, dict[int, float]], path: Path) -> None:
+def figure(vlb: dict[str, dict[int, float]]):
     """VLB bits/dim against K (log x), one line per variance."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for variance, by_steps in vlb.items():
@@ -55,8 +54,7 @@ def figure(vlb: dict[str, dict[int, float]], path: Path) -> None:
     ax.set(xscale="log", xlabel="K (steps of the strided chain)", ylabel="VLB (bits/dim, held-out digits)",
            title="Reverse variance and the VLB: DDPM on 8x8 digits")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -91,11 +89,7 @@ def main() -> None:
     record = {"model": list(DIGITS_DDPM),
               "vlb_bpd": {v: {str(k): b for k, b in by_steps.items()} for v, by_steps in vlb.items()},
               "vlb_protocols": protocols, "ode_bpd": ode["bpd"], "ode_protocol": ode_protocol}
-    write_results(out, table, record)
-    figure(vlb, out / "vlb_vs_steps.png")
-    if not args.quick:
-        for file in ("table.md", "results.json", "vlb_vs_steps.png"):
-            shutil.copy(out / file, HERE / file)
+    write_results(out, table, record, {"vlb_vs_steps.png": figure(vlb)}, publish_to=None if args.quick else HERE)
 
 
 if __name__ == "__main__":

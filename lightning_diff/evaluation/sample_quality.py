@@ -105,9 +105,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
                          "published statistics file, metrics.reference=/path/to/fid-ref.npz")
     transform = module.data_transform if published else datamodule.transform
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler).check(module.formulation)
-    sampler_record = {**sampler.record(module.formulation), "guidance": guidance}
-    if module.grid is not None and sampler.steps is None:  # a distilled student samples on its own levels
-        sampler_record |= {"steps": len(module.grid) - 1, "time_steps": {"sigmas": module.grid.tolist()}}
+    sampler_record = {**module.sampler_record(sampler), "guidance": guidance}
     with Progress(disable=not progress, transient=True) as bar:
         key, reference_cached = None, None
         if published and "fid" in metrics:
