@@ -113,8 +113,9 @@ def load_module(ckpt_path: str, weights: str = "ema", map_location="cpu",
     Released checkpoints (``lightning_diff.pretrained``: a ``.pkl``, ``.pt``/``.pth``, a folder, an ``https://``
     URL or ``hf://`` id, or any path when ``pretrained`` names a ``format``) are read by ``pretrained.load_pretrained``
     with the settings in ``pretrained`` (``format``, ``sha256`` and the format's own flags); the module holds the
-    released weights (``module.weights == "released"``) and its ``run_config`` is ``{"pretrained": {format, source,
-    file, config}}`` (``file``: the local copy of a remote source), with no data section."""
+    released weights (``module.weights == "released"``), its ``sampler`` is the source's, and its ``run_config`` is
+    ``{"pretrained": {format, source, file, config, sampler, guidance}}`` (``file``: the local copy of a remote
+    source; ``sampler``, ``guidance``: the source's defaults, ``Pretrained``), with no data section."""
     pretrained = dict(pretrained or {})
     if is_released(ckpt_path, pretrained):
         return _released_module(ckpt_path, pretrained, weights, map_location)
@@ -156,11 +157,12 @@ def _released_module(ckpt_path, pretrained: dict, weights: str, map_location) ->
         raise ValueError(f"weights={weights}: a released checkpoint holds the one set of weights its authors "
                          f"published (EDM and DiT: the EMA); allowed: weights=ema (the default) for ckpt={ckpt_path}")
     released = load_pretrained(ckpt_path, map_location=map_location, **pretrained)
-    record = {"format": released.format, "source": str(ckpt_path), "file": str(released.source),
-              "config": json.loads(json.dumps(released.config, default=str))}  # JSON-ready, for records
+    record = json.loads(json.dumps({  # JSON-ready, for records; sampler and guidance: the source's defaults
+        "format": released.format, "source": str(ckpt_path), "file": str(released.source), "config": released.config,
+        "sampler": released.sampler, "guidance": released.guidance}, default=str))
     module = DiffusionModule(None, None, denoiser=released.denoiser, decoder=released.decoder,
                              conditional=released.num_classes > 0, num_classes=released.num_classes,
                              data_shape=released.data_shape, data_transform=released.data_transform,
-                             run_config={"pretrained": record})
+                             sampler=released.sampler or None, run_config={"pretrained": record})
     return module.eval()
 

@@ -3,6 +3,7 @@
 - ``atomic_write`` / ``write_new_text``: a file is either the old one (or absent) or the complete new one,
   never a torn write (a job killed while saving, a full disk): write a temporary file in the same folder,
   ``fsync``, then ``os.replace`` (or a hard link, which refuses to replace), both atomic on POSIX.
+  ``atomic_write_all`` replaces several files as one unit; ``check_writable`` probes an output folder up front.
 - ``AtomicCheckpointIO``: Lightning's checkpoint plugin writing with ``atomic_write`` and reading with
   ``load_checkpoint``. Lightning's ``TorchCheckpointIO`` relies on an fsspec transaction whose local commit
   is a move without ``fsync``; we state the guarantee here once.
@@ -19,10 +20,11 @@ import itertools
 import logging
 import os
 import pickle
+import secrets
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,7 +33,7 @@ from lightning_fabric.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 __all__ = ["CHECKPOINT_FORMAT", "FORMAT_KEY", "AtomicCheckpointIO", "CheckpointError", "ResumableDataLoader",
-           "atomic_write", "check_format", "load_checkpoint", "write_new_text"]
+           "atomic_write", "atomic_write_all", "check_format", "check_writable", "load_checkpoint", "write_new_text"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def _write_temporary(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, temporary = _create_temporary(path)
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -70,6 +72,19 @@ def _write_temporary(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
         raise (OSError(code, message) if code else OSError(message)) from error
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new empty file ``.<name>.<8 hex digits>.tmp`` beside ``path``, open for writing: its descriptor and name.
+    Its mode is what ``open()`` gives a new file, 0o666 less the umask (0644 under umask 022), which ``os.replace``
+    keeps; ``tempfile.mkstemp`` would make it 0600, unreadable to the colleagues sharing a cluster folder.
+    ``O_EXCL``: an existing file is never opened."""
+    while True:
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:  # taken by a concurrent writer: draw another name
+            continue
+
+
 def _free_space(path: Path) -> str:
     folder = next(p for p in (path.parent, *path.parents) if p.exists())  # "." or "/" at the latest
     return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
@@ -78,9 +93,25 @@ def _free_space(path: Path) -> str:
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Replace ``path`` atomically by what ``write(file)`` writes into a binary file; returns ``path``.
     Until the write completed and reached the disk, ``path`` keeps its old content (or stays absent)."""
-    path = Path(path)
-    os.replace(_write_temporary(path, write), path)
-    return path
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(writes: Mapping[str | os.PathLike, Callable[[IO[bytes]], Any]]) -> list[Path]:
+    """Replace several files as one unit (``samples.npz`` with its ``samples.png``): each ``write(file)`` goes to
+    its own temporary file, fsynced, and only once all of them are on the disk are they renamed into place (the
+    renames write no data). A failed write (a full disk) or an interrupt before that leaves every path as it was,
+    old content or absent, and no temporary file. Returns the paths, in the order of ``writes``."""
+    paths, temporaries = [Path(p) for p in writes], []
+    try:
+        for path, write in zip(paths, writes.values(), strict=True):
+            temporaries.append(_write_temporary(path, write))
+        for temporary, path in zip(temporaries, paths, strict=True):
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary in temporaries:
+            Path(temporary).unlink(missing_ok=True)
+        raise
+    return paths
 
 
 def write_new_text(path: str | os.PathLike, text: str) -> Path:
@@ -102,6 +133,23 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
     if target != path:
         log.warning("%s exists (another job with the same name); wrote %s instead", path, target.name)
     return target
+
+
+def check_writable(folder: str | os.PathLike, setting: str) -> Path:
+    """Create ``folder`` (with its parents) and write and remove a probe file in it, so that an output folder
+    the run cannot write fails before the work instead of after it. ``setting`` says where the folder comes
+    from (``out=samples``). Returns the folder; raises ``OSError`` (its errno kept) naming ``setting``, the
+    folder and the reason."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OSError(error.errno, f"{setting}: cannot write to {folder} ({error.strerror or error}); allowed: a "
+                      "folder this user can create and write") from None
+    return folder
 
 
 # --- reading ------------------------------------------------------------------------------------------------

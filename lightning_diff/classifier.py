@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric
 
 from .checkpoint_io import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
 from .config import CONFIG_DIR
+from .config_check import check_command
 from .data.transforms import DataTransform
 from .formulations import Formulation
 from .sampling.guidance import CLASSIFIER_FRAMES, ClassifierGuidance, classifier_inputs
@@ -269,6 +270,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classifier")
 def main(cfg: DictConfig) -> None:
+    check_command(cfg, "classifier")  # every '+key' read, numbers and choices valid: before any work
     result = train(cfg)
     print(" ".join(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}"
                    for key, value in sorted(result.items()) if key.startswith(("val/acc", "checkpoint"))))

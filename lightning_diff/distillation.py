@@ -36,6 +36,7 @@ from torch import nn
 
 from . import sampling
 from .config import CONFIG_DIR
+from .config_check import check_command
 
 __all__ = ["WEIGHTINGS", "distillation_target", "loss_weight", "round_grids", "ProgressiveDistillation", "distill",
            "main"]
@@ -303,6 +304,7 @@ def distill(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="distill")
 def main(cfg: DictConfig) -> None:
+    check_command(cfg, "distill")  # every '+key' read, numbers and choices valid: before any work
     result = distill(cfg)
     for record in result["history"]:
         print("round {round}: {steps} steps ".format(**record)

@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .builders import build_datamodule, load_module, pretrained_flags, resolve_device
 from .callbacks.checkpoint import saved_wandb_run_id
-from .checkpoint_io import load_checkpoint
+from .checkpoint_io import check_writable, load_checkpoint
 from .config import CONFIG_DIR, wandb_offline
+from .config_check import check_command
 from .evaluation import (
     LIKELIHOOD_METRICS,
     SAMPLE_METRICS,
@@ -33,8 +34,8 @@ from .evaluation import (
     summary_line,
 )
 from .evaluation.records import log_record_to_wandb, make_record, rerun_command, run_description, write_record
+from .likelihood import vlb_sigmas
 from .metrics import is_published_reference
-from .module import SamplerSettings
 
 __all__ = ["evaluate", "add_to_training_wandb_run", "main"]
 
@@ -50,9 +51,14 @@ def evaluate(cfg: DictConfig) -> dict:
     names = selected_metrics(cfg.metrics)
     module = load_module(cfg.ckpt, weights=cfg.weights, pretrained=pretrained_flags(cfg.get("pretrained")))
     module = module.to(resolve_device(cfg.device))
-    if "vlb" in names:
-        require_discrete(module.formulation)  # before any other work
-    sampler = SamplerSettings.from_config(cfg.sampler).check(module.formulation)
+    released = (module.run_config or {}).get("pretrained")
+    checkpoint = cfg.ckpt if released is None else released["file"]  # a URL's record goes beside its cached file
+    record_dir = check_writable(Path(checkpoint).resolve().parent,  # before any image: fails now, not after them
+                                f"ckpt={cfg.ckpt} (its eval-*.json goes beside it)")
+    if "vlb" in names:  # before any other work: a ddpm model, a chain that holds timestep 0
+        vlb_sigmas(require_discrete(module.formulation), cfg.metrics.vlb.steps, cfg.metrics.vlb.spacing)
+    sampler, guidance = module.sampler_from_config(cfg.sampler, cfg.guidance)  # null: the checkpoint's own
+    sampler = sampler.check(module.formulation)
     datamodule = _datamodule(cfg, module, names)
     options = {m: OmegaConf.to_container(cfg.metrics[m], resolve=True) for m in names}
     results, protocol = {}, {"weights": module.weights}
@@ -60,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict:
         m = cfg.metrics
         values, protocol["samples"] = sample_quality(
             module, datamodule, names, num_images=m.num_images, weights=module.weights, sampler=sampler,
-            guidance=cfg.guidance, seed=cfg.seed, seed_protocol=cfg.seed_protocol, seed_sets=m.seed_sets,
+            guidance=guidance, seed=cfg.seed, seed_protocol=cfg.seed_protocol, seed_sets=m.seed_sets,
             reference=m.reference,
             reference_num_images=m.reference_num_images, inception_weights=m.inception_weights,
             batch_size=m.batch_size, cache_dir=m.cache_dir, feature_extractor=m.get("feature_extractor"),
@@ -73,15 +79,13 @@ def evaluate(cfg: DictConfig) -> dict:
     if "vlb" in names:
         values, protocol["vlb"] = split_vlb(module, datamodule, seed=cfg.seed, progress=cfg.progress, **options["vlb"])
         results.update(values)
-    released = (module.run_config or {}).get("pretrained")
     if released is not None:
         protocol["pretrained"] = released
-    checkpoint = cfg.ckpt if released is None else released["file"]  # a URL's record goes beside its cached file
     step = None if released is not None else load_checkpoint(cfg.ckpt, mmap=True).get("global_step")
     record = make_record(results, protocol, OmegaConf.to_container(cfg, resolve=True), kind="evaluate",
                          run=run_description(checkpoint, module.run_config, step), command=rerun_command("evaluate"),
                          wall_time_s=time.perf_counter() - started, cache_dir=cfg.metrics.cache_dir)
-    record = write_record(Path(checkpoint).resolve().parent, record, name=cfg.name)
+    record = write_record(record_dir, record, name=cfg.name)
     if cfg.get("wandb", "auto") == "auto" and released is None:
         add_to_training_wandb_run(cfg.ckpt, module.run_config, record)
     return record
@@ -132,6 +136,7 @@ def _datamodule(cfg: DictConfig, module, names: list[str]):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    check_command(cfg, "evaluate")  # every '+key' read, numbers and choices valid: before any work
     print(summary_line(evaluate(cfg)))
 
 

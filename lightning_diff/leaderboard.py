@@ -34,6 +34,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR
+from .config_check import check_command
 from .evaluation.records import RECORD_VERSION, RecordError, read_record
 
 __all__ = ["DIRECTIONS", "CSV_COLUMNS", "Leaderboard", "collect", "build", "write_outputs", "leaderboard", "main"]
@@ -565,6 +566,7 @@ def leaderboard(cfg: DictConfig, wandb_api=None) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="leaderboard")
 def main(cfg: DictConfig) -> None:
+    check_command(cfg, "leaderboard")  # every '+key' read, numbers and choices valid: before any work
     result = leaderboard(cfg)
     print(to_markdown(result["board"]))
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))

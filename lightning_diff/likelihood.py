@@ -16,6 +16,7 @@ from scipy.integrate import solve_ivp
 from . import analytic_dpm
 from .data.transforms import DataTransform, dequantize
 from .denoiser import Denoiser
+from .sampling.schedules import SPACINGS, ddpm_timesteps
 
 __all__ = [
     "log_likelihood",
@@ -23,6 +24,7 @@ __all__ = [
     "ode_bits_per_dim",
     "vlb_bits_per_dim",
     "posterior_chain",
+    "vlb_sigmas",
     "DIVERGENCES",
     "PROBES",
     "VARIANCES",
@@ -285,13 +287,15 @@ def vlb_bits_per_dim(
     variance: str = "fixed_small",
     moments: analytic_dpm.ScoreMoments | None = None,
     steps: int | None = None,
+    spacing: str = "linspace",  # the strided chain's sub-sequence: Bao et al. 2022's even steps, tau_1 = 0
     clip_denoised: bool = True,
     labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The discrete variational bound ``L_T + sum_{t>1} L_{t-1} + L_0`` in bits/dim (iDDPM ``calc_bpd_loop``),
-    of the full chain or of a strided one (iDDPM's respacing: the betas re-derived from abar at the visited
-    timesteps, ``beta_k = 1 - abar_{tau_k} / abar_{tau_{k-1}}``; Bao et al. 2022 Sec. 4).
+    of the full chain or of a strided one tau_1 = 0 < tau_2 < ... < tau_K (iDDPM's respacing: the betas re-derived
+    from abar at the visited timesteps, ``beta_k = 1 - abar_{tau_k} / abar_{tau_{k-1}}``; Bao et al. 2022 Sec. 4,
+    whose K-step bound decodes x_0 from the chain's first timestep, timestep 0).
 
     Args:
         denoiser: ``denoiser(x, sigma, labels) -> D`` in the sigma-frame (``x_t = sqrt(abar_t) x``).
@@ -305,8 +309,12 @@ def vlb_bits_per_dim(
             ``moments`` estimated on training data at every level of the chain; the decoder L_0 keeps the
             fixed_small variance, as Bao et al.'s code).
         moments: ``analytic_dpm.ScoreMoments`` of this denoiser (only with ``variance="analytic"``).
-        steps: None for all T timesteps, or the strided chain of ``formulation.sampling_sigmas(steps)``
-            (the sampler's timesteps, its spacing).
+        steps: None for all T timesteps, or the strided chain of ``vlb_sigmas(formulation, steps, spacing)``.
+        spacing: the strided chain's timesteps (``schedules.ddpm_timesteps``; ignored when ``steps`` is None):
+            ``linspace`` (default; ``round(linspace(0, T - 1, K))``, Bao et al.'s even trajectory up to how exact
+            halves round) or ``quadratic`` (their ``quad`` one, DDIM's), or any spacing whose chain holds timestep
+            0; ValueError for one that does not (``trailing`` unless K > 2T/3: its decoder would score x_0 from
+            a noisy level).
         clip_denoised: clip the predicted x_0 to the data range (iDDPM's evaluation default).
     Returns:
         ``(bpd [B] float64, info)`` with ``info["prior_bpd"]``, ``info["terms_bpd"]`` ``[K, B]`` (index k
@@ -327,7 +335,7 @@ def vlb_bits_per_dim(
                          "moments go with variance='analytic' only; allowed: variance=analytic with "
                          "analytic_dpm.ScoreMoments, or another variance without moments")
     device = x_int.device
-    timesteps, betas, abar = _chain(formulation, steps)
+    timesteps, betas, abar = _chain(formulation, steps, spacing)
     betas, abar = betas.to(device), abar.to(device)
     T = betas.numel()
     post_logvar, coef_x0, coef_xt = posterior_chain(abar)
@@ -391,14 +399,46 @@ def posterior_chain(abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return logvar, betas * abar_prev.sqrt() / (1 - abar), (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
 
 
-def _chain(formulation, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vlb_sigmas(formulation, steps: int | None = None, spacing: str = "linspace") -> torch.Tensor:
+    """The noise levels of the chain ``vlb_bits_per_dim`` scores, decreasing, then 0 (the samplers' convention),
+    float64 ``[K + 1]``: all T levels of the ``ddpm`` formulation (``steps`` None) or the distinct timesteps of
+    ``formulation.sampling_sigmas(steps, spacing=spacing)``. ValueError naming the setting for an unknown spacing
+    or a strided chain without timestep 0 (Bao et al. 2022's K-step bound starts at it)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"likelihood.spacing={spacing!r} is not known; allowed: {', '.join(SPACINGS)}")
+    if steps is None:
+        return torch.cat([formulation.grid.to(torch.float64), formulation.grid.new_zeros(1, dtype=torch.float64)])
+    sigmas = formulation.sampling_sigmas(steps, spacing=spacing).to(torch.float64)
+    first = int(formulation.timestep_index(sigmas[-2:-1]))
+    if first != 0:
+        raise ValueError(
+            f"likelihood.spacing={spacing!r} with steps={steps}: the chain's first timestep is {first}, it has no "
+            f"timestep 0, so its decoder L_0 would score x_0 from x_{first} (not the K-step bound of Bao et al. "
+            f"2022); allowed: a spacing whose chain holds timestep 0: "
+            f"{', '.join(_spacings_from_zero(formulation.num_timesteps, steps))}"
+        )
+    return sigmas
+
+
+def _spacings_from_zero(num_timesteps: int, steps: int) -> list[str]:
+    """The spacings of ``schedules.SPACINGS`` whose ``steps``-step chain of ``num_timesteps`` holds timestep 0."""
+    def starts_at_zero(spacing: str) -> bool:
+        try:
+            return int(ddpm_timesteps(num_timesteps, steps, spacing).min()) == 0
+        except ValueError:  # no chain of that length for this spacing
+            return False
+
+    return [spacing for spacing in SPACINGS if starts_at_zero(spacing)]
+
+
+def _chain(formulation, steps: int | None, spacing: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(timesteps [K] long, betas [K], abar [K])`` float64, increasing t, of the full DDPM chain (``steps``
     None: the formulation's own betas) or of the strided one through the timesteps of
-    ``formulation.sampling_sigmas(steps)``, ``beta_k = 1 - abar_k / abar_{k-1}`` (iDDPM's respacing)."""
+    ``vlb_sigmas(formulation, steps, spacing)``, ``beta_k = 1 - abar_k / abar_{k-1}`` (iDDPM's respacing)."""
+    sigmas = vlb_sigmas(formulation, steps, spacing)
     abar = formulation.alphas_cumprod.to(torch.float64)
     if steps is None:
         return torch.arange(abar.numel()), formulation.betas.to(torch.float64), abar
-    sigmas = formulation.sampling_sigmas(steps)
-    timesteps = formulation.timestep_index(sigmas[:-1].to(torch.float64)).flip(0)
+    timesteps = formulation.timestep_index(sigmas[:-1]).flip(0)
     abar = abar[timesteps]
     return timesteps, 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]]), abar

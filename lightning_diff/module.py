@@ -70,27 +70,34 @@ class SamplerSettings:
             if unknown:
                 raise ValueError(f"sampler.time_steps: {unknown} are not settings of EDM's time steps; allowed: "
                                  "sigma_min, sigma_max, rho (or sampler.time_steps=null: the formulation's grid)")
-        allowed = [p for p in inspect.signature(sampling.SAMPLERS[self.name]).parameters if p not in _NOT_OPTIONS]
+        allowed = _option_defaults(self.name)
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise ValueError(f"sampler.options: {unknown} are not options of sampler={self.name}; allowed: "
                              f"{', '.join(allowed)}")
+        self.options = {k: allowed[k] if v is None else v for k, v in self.options.items()}  # null: the default
 
     @classmethod
-    def from_config(cls, value) -> SamplerSettings:
-        """From a ``sampler`` config node (keys ``name``, ``steps``, ``options``, ``batch_size``; missing keys
-        take the defaults above), an instance (returned as is) or None (the defaults)."""
-        if value is None:
-            return cls()
+    def from_config(cls, value, defaults: Mapping | None = None) -> SamplerSettings:
+        """From a ``sampler`` config node (keys ``name``, ``steps``, ``options``, ``time_steps``, ``batch_size``;
+        missing keys take the defaults above), an instance (returned as is) or None (the defaults).
+
+        ``defaults`` (the same keys: a released checkpoint's source sampler, ``DiffusionModule.sampler_from_config``)
+        fill what ``value`` leaves null: ``name``, ``steps``, ``time_steps`` and each option set to null or absent
+        that the named sampler takes. Without them a null ``name`` is ``heun`` with its options' keyword defaults
+        (``configs/sampler/heun.yaml``'s), and a null option the sampler's keyword default."""
         if isinstance(value, cls):
             return value
         if isinstance(value, DictConfig):
             value = OmegaConf.to_container(value, resolve=True)
+        if value is None and defaults is None:
+            return cls()
+        value = dict(value or {})
         keys = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(value) - set(keys))
         if unknown:
             raise ValueError(f"sampler: unknown settings {unknown}; allowed: {', '.join(keys)}")
-        return cls(**value)
+        return cls(**_completed(value, dict(defaults or {})))
 
     def steps_for(self, formulation: Formulation) -> int:
         """The step count on ``formulation``'s grid: ``steps`` or the formulation's default. Raises ValueError
@@ -151,9 +158,32 @@ class SamplerSettings:
 
     def record(self, formulation: Formulation) -> dict:
         """``{"name", "steps", "options"}`` with the step count actually used on ``formulation`` (protocols), and
-        ``"time_steps"`` when they are not the formulation's own."""
+        ``"time_steps"`` when they are not the formulation's own, else its ``"spacing"`` when it has one (DDPM's
+        sub-sequence of timesteps, ``schedules.ddpm_timesteps``)."""
         record = {"name": self.name, "steps": self.steps_for(formulation), "options": dict(self.options)}
-        return record if self.time_steps is None else {**record, "time_steps": dict(self.time_steps)}
+        if self.time_steps is not None:
+            return {**record, "time_steps": dict(self.time_steps)}
+        spacing = getattr(formulation, "spacing", None)
+        return record if spacing is None else {**record, "spacing": spacing}
+
+
+def _option_defaults(name: str) -> dict:
+    """``{option: keyword default}`` of sampler ``name`` (the keywords ``DiffusionModule.sample`` does not set)."""
+    parameters = inspect.signature(sampling.SAMPLERS[name]).parameters
+    return {k: p.default for k, p in parameters.items() if k not in _NOT_OPTIONS}
+
+
+def _completed(value: dict, defaults: dict) -> dict:
+    """The sampler config ``value`` with what it leaves null from ``defaults`` (``SamplerSettings.from_config``)."""
+    value = {**value, **{k: defaults.get(k) for k in ("name", "steps", "time_steps") if value.get(k) is None}}
+    if value.get("name") is None:  # no one named a sampler: EDM's Heun, its options at their (scalar) defaults
+        value["name"] = "heun"
+        defaults = {"options": {k: v for k, v in _option_defaults("heun").items()
+                                if isinstance(v, (bool, int, float, str))}}
+    accepted = _option_defaults(value["name"]) if value["name"] in sampling.SAMPLERS else {}
+    options = {k: v for k, v in (defaults.get("options") or {}).items() if k in accepted}
+    options.update({k: v for k, v in (value.get("options") or {}).items() if v is not None or k not in options})
+    return {**value, "options": options}
 
 
 class _GaussianDataDenoiser:
@@ -372,8 +402,21 @@ class DiffusionModule(pl.LightningModule):
         and ``time_steps: {"sigmas": [...]}``."""
         record = settings.record(self.formulation)
         if self._own_grid(settings):
+            record.pop("spacing", None)
             record |= {"steps": len(self.grid) - 1, "time_steps": {"sigmas": self.grid.tolist()}}
         return record
+
+    def sampler_from_config(self, sampler=None, guidance: float | None = None) -> tuple[SamplerSettings, float]:
+        """``(sampler settings, classifier-free guidance gamma)`` a command runs (``lightning-diff sample`` /
+        ``evaluate``): what ``sampler`` (a ``configs/sampler`` node) and ``guidance`` set, and for what they leave
+        null this model's own: a released checkpoint's source sampler and guidance (``Pretrained.sampler`` and
+        ``guidance``, recorded in ``run_config["pretrained"]``: ADM and DiT 250 DDPM steps on guided-diffusion's
+        respacing with their variance and clipping, DiT gamma 1.5), a training run's ``guidance`` (a preset's
+        headline, e.g. dit_xl2_imagenet256), else EDM's Heun and gamma 1 (``SamplerSettings.from_config``)."""
+        run = self.run_config or {}
+        released = run.get("pretrained") or {}
+        settings = SamplerSettings.from_config(sampler, defaults=released.get("sampler"))
+        return settings, float((released or run).get("guidance", 1.0) if guidance is None else guidance)
 
     @torch.no_grad()
     def sample(self, seeds: Sequence[int], *, labels: torch.Tensor | None = None,

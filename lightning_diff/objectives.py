@@ -314,8 +314,11 @@ class _BoundObjective(Objective):
 
     trains_variance = True
 
-    def __init__(self):
+    def __init__(self, decoder_bits: int | None = None):
         super().__init__()
+        if decoder_bits is not None and (type(decoder_bits) is not int or decoder_bits < 1):
+            raise ValueError(f"objective.decoder_bits={decoder_bits!r} is invalid; allowed: null or an integer >= 1")
+        self.decoder_bits = decoder_bits
         for key in ("sigmas", "logvar_min", "log_beta", "coef_x0", "coef_xt"):
             self.register_buffer(key, torch.zeros(0, dtype=torch.float64), persistent=False)
         self.bins = (0.0, 0.0, 0.0)  # (low, high, half width) of the data's integer levels in model space
@@ -326,10 +329,18 @@ class _BoundObjective(Objective):
                              f"(Nichol & Dhariwal 2021); formulation={formulation.name} is continuous; allowed: a "
                              "discrete formulation (formulation=ddpm, iddpm or ncsn)")
         transform = EDM_PIXELS if data_transform is None else data_transform
-        if transform.levels is None:
+        if transform.levels is None and self.decoder_bits is None:
             raise ValueError(f"objective={self.name}: its term L_0 is the probability of the data's integer "
                              f"levels, but the data are continuous (data transform {transform}); allowed: "
-                             "integer data such as images (or objective=dsm)")
+                             "integer data such as images, objective.decoder_bits=8 (L_0 over 256 bins of [-1, 1], "
+                             "as DiT trains on latents), or objective=dsm")
+        if transform.levels is not None and self.decoder_bits not in (None, transform.bits):
+            raise ValueError(f"objective.decoder_bits={self.decoder_bits} is for continuous data; these data have "
+                             f"{transform.bits}-bit integer levels of their own (data transform {transform}); "
+                             f"allowed: null or {transform.bits}")
+        if transform.levels is None:  # DiT's train.py: guided-diffusion's discretized Gaussian over [-1, 1]
+            levels = 2**self.decoder_bits
+            transform = DataTransform(scale=2 / (levels - 1), offset=-1.0, bits=self.decoder_bits)
         device = self.sigmas.device
         sigmas = formulation.grid.to(torch.float64).flip(0)
         abar = 1 / (1 + sigmas**2)
@@ -393,12 +404,15 @@ class HybridLoss(_BoundObjective):
 
     Args:
         vlb_weight: lambda (the paper's 0.001).
+        decoder_bits: continuous data only (latents): L_0 over ``2**decoder_bits`` bins of [-1, 1], as DiT's
+            ``train.py`` applies guided-diffusion's discretized Gaussian to its latents; null refuses continuous data.
     """
 
     name = "hybrid"
 
-    def __init__(self, vlb_weight: float = 0.001):  # lambda, Nichol & Dhariwal 2021 Sec. 3.1
-        super().__init__()
+    def __init__(self, vlb_weight: float = 0.001,  # lambda, Nichol & Dhariwal 2021 Sec. 3.1
+                 decoder_bits: int | None = None):  # continuous data: L_0 over 2**bits bins of [-1, 1] (DiT)
+        super().__init__(decoder_bits)
         if not isinstance(vlb_weight, (int, float)) or not vlb_weight >= 0 or vlb_weight == math.inf:
             raise ValueError(f"objective.vlb_weight={vlb_weight!r} is invalid; allowed: a finite number >= 0")
         self.vlb_weight = float(vlb_weight)
@@ -424,12 +438,14 @@ class VariationalBound(_BoundObjective):
     Args:
         importance_sampling: draw t from the loss-aware sampler (False: uniform, weights 1).
         history, uniform_prob: the sampler's (``LossSecondMomentSampler``).
+        decoder_bits: continuous data only: L_0 over ``2**decoder_bits`` bins of [-1, 1] (as ``hybrid``).
     """
 
     name = "vlb"
 
-    def __init__(self, importance_sampling: bool = True, history: int = 10, uniform_prob: float = 0.001):
-        super().__init__()
+    def __init__(self, importance_sampling: bool = True, history: int = 10, uniform_prob: float = 0.001,
+                 decoder_bits: int | None = None):  # continuous data: L_0 over 2**bits bins of [-1, 1] (DiT)
+        super().__init__(decoder_bits)
         if not isinstance(importance_sampling, bool):
             raise ValueError(f"objective.importance_sampling={importance_sampling!r} is invalid; allowed: true, "
                              "false")

@@ -39,6 +39,7 @@ from . import sampling
 from .analytic_dpm import _fingerprint
 from .checkpoint_io import atomic_write
 from .config import CONFIG_DIR
+from .config_check import check_command
 from .data.loading import make_loader
 from .data.transforms import DataTransform
 from .module import SamplerSettings
@@ -290,6 +291,7 @@ def empirical_w2(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(cfg: DictConfig) -> None:
     """``lightning-diff reflow ckpt=PATH num_pairs=N out=FILE``: draw and save the coupling of a trained model,
     and print the straightness (eq. 1) and the 1-step W2 to the pairs of the model it drew from."""
+    check_command(cfg, "reflow")  # every '+key' read, numbers and choices valid: before any work
     from .builders import load_module, resolve_device
 
     module = load_module(cfg.ckpt, weights=cfg.weights).to(resolve_device(cfg.device))

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .builders import build_callbacks, build_datamodule, build_logger, build_module
 from .callbacks import EMA
 from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
 from .config import CONFIG_DIR, apply_smoke, check_global_batch, compose, smoke_alias
+from .config_check import check_command
 from .evaluation.records import read_record
 from .known_warnings import silence_unactionable_warnings
+from .resume_check import check_start
+from .run_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, is_global_rank_zero
 
 __all__ = ["train", "compose", "finish_logging", "main"]
 
@@ -28,7 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one training job described by ``cfg``; returns the final metrics (floats) and output paths."""
+    """Run one training job described by ``cfg``; returns the final metrics (floats) and output paths. Holds the
+    lock of the run folder ``paths.output_dir`` meanwhile (``run_lock``: another run there refuses)."""
+    with hold_run_folder(cfg.paths.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict:
+    check_run_length(cfg.trainer)
     check_global_batch(cfg)
     if smoke := apply_smoke(cfg):
         log.warning("smoke run (+smoke=true): network widths set to %s, random images, a few steps", smoke)
@@ -37,8 +49,9 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, datamodule)
     checkpoint_dir = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)  # last / last_if_exists -> a file
+    starts = check_start(cfg, ckpt_path, module)  # refuses another experiment's checkpoint; init_from= weights
     logger = build_logger(cfg, wandb_run_id=saved_wandb_run_id(ckpt_path))
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg) + starts  # InitFrom after EMA: it loads the EMA's average
     trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if logger:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -56,6 +69,38 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
+def check_run_length(trainer: DictConfig) -> None:
+    """A run trains and ends: ``trainer.max_steps`` >= 1 optimizer steps, or -1 (no step limit) with
+    ``trainer.max_epochs`` >= 1. ``max_steps=0`` would exit 0 having trained nothing, -1 with ``max_epochs`` -1 would
+    never end and with ``max_epochs`` null would run Lightning's default of 1000 epochs; other values Lightning
+    refuses only after the data and the network are built."""
+    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if (isinstance(steps, int) and steps >= 1) or (steps == -1 and isinstance(epochs, int) and epochs >= 1):
+        return
+    raise ValueError(f"trainer.max_steps={steps} (with trainer.max_epochs={epochs}) trains nothing or never ends; "
+                     "allowed: an integer >= 1 (optimizer steps), or -1 with trainer.max_epochs >= 1 (whole epochs)")
+
+
+def record_failure(error: Exception) -> None:
+    """Write ``error`` with its traceback into the job's log files (Hydra's ``<run dir>/train.log``; the terminal
+    gets Hydra's own report), then remove the run folder if the run wrote nothing of value into it: nothing but
+    what every start writes (Hydra's ``.hydra/``, the log file, ``run_lock``'s ``.lock``), as after a bad
+    config. A folder with anything else in it (checkpoints, a logger's files, a user's files), or another run's
+    (``RunFolderInUse``), is kept."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "the run failed: %s", (error,),
+                            (type(error), error, error.__traceback__))
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for handler in files:
+        handler.handle(record)
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir)
+    startup = {hydra_cfg.output_subdir, LOCK_NAME, *(Path(h.baseFilename).name for h in files)}
+    if (is_global_rank_zero() and not isinstance(error, RunFolderInUse) and folder.is_dir()
+            and {p.name for p in folder.iterdir()} <= startup):
+        shutil.rmtree(folder)
+        log.warning("removed the run folder %s: the run failed before writing anything into it", folder)
+
+
 def finish_logging() -> None:
     """Close the W&B run (one run per Hydra multirun job)."""
     import wandb
@@ -68,7 +113,11 @@ def finish_logging() -> None:
 def main(cfg: DictConfig) -> float | None:
     silence_unactionable_warnings()
     try:
+        check_command(cfg, "train")  # every '+key' read, numbers and choices valid: before any work
         result = train(cfg)
+    except Exception as error:  # not a graceful stop (StopRequested): that run keeps its folder
+        record_failure(error)
+        raise
     finally:
         finish_logging()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:

@@ -263,7 +263,9 @@ def digits_ddpm_ckpt(tmp_path_factory):
 
 def test_sample_cli_and_vlb_with_analytic_variance(digits_ddpm_ckpt, tmp_path):
     """``lightning-diff sample sampler=ddpm sampler.options.variance=analytic`` estimates the moments on the run's
-    training data, caches them and samples; the VLB on a strided chain reads the same cache."""
+    training data, caches them and samples; the VLB on a strided chain estimates them on its own chain (timesteps 0,
+    33, 66, 99: it holds t = 0, the sampler's trailing grid 24, 49, 74, 99 does not), caches them beside the
+    sampler's and reuses them. ``evaluate`` refuses the sampler's trailing chain for the VLB before any work."""
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -282,10 +284,21 @@ def test_sample_cli_and_vlb_with_analytic_variance(digits_ddpm_ckpt, tmp_path):
 
     module = load_module(digits_ddpm_ckpt)
     datamodule = build_datamodule(OmegaConf.create(module.run_config))
-    values, protocol = split_vlb(module, datamodule, num_images=4, batch_size=4, variance="analytic", steps=4,
-                                 analytic_samples=32, analytic_cache_dir=str(cache))
-    assert math.isfinite(values["vlb_bpd"]) and protocol["nfe"] == 4 and protocol["analytic_samples"] == 32
-    assert len(list(cache.glob("*.json"))) == 1  # the same model, grid and M: the sampler's file was reused
+    for _ in range(2):
+        values, protocol = split_vlb(module, datamodule, num_images=4, batch_size=4, variance="analytic", steps=4,
+                                     analytic_samples=32, analytic_cache_dir=str(cache))
+        assert math.isfinite(values["vlb_bpd"]) and protocol["nfe"] == 4 and protocol["analytic_samples"] == 32
+        assert protocol["spacing"] == "linspace" and len(list(cache.glob("*.json"))) == 2  # the 2nd call reused it
+
+    from lightning_diff.evaluate import evaluate
+
+    cfg = compose_config("evaluate", [f"ckpt={digits_ddpm_ckpt}", "metrics=[fid,vlb]", "metrics.vlb.steps=4",
+                                      "metrics.vlb.spacing=trailing", f"metrics.cache_dir={tmp_path / 'none'}",
+                                      "device=cpu"])
+    with pytest.raises(ValueError, match=r"likelihood.spacing='trailing' with steps=4: the chain's first timestep "
+                                         r"is 24"):
+        evaluate(cfg)
+    assert not (tmp_path / "none").exists()
 
 
 def test_per_sample_noise_is_the_samplers():

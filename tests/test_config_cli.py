@@ -31,8 +31,8 @@ def test_unknown_command_is_named_with_the_allowed_ones():
 @pytest.mark.parametrize("command,settings", [
     ("train", ["formulation=ncsn", "network=tiny_unet", "data.batch_size=128", "sampler=heun", "sampler.steps=",
                "trainer.max_steps=2000", "optimizer.lr="]),
-    ("sample", ["ckpt=PATH", "num_samples=64", "sampler=heun", "sampler.steps=", "sampler.batch_size=64",
-                "guidance=1.0", "euler_maruyama"]),
+    ("sample", ["ckpt=PATH", "num_samples=64", "sampler=default", "sampler.steps=", "sampler.batch_size=64",
+                "guidance=None", "euler_maruyama"]),
     ("evaluate", ["ckpt=PATH", "metrics.num_images=50000", "metrics.batch_size=64", "sampler.steps=",
                   "sampler.batch_size=64", "bpd, fid, is, kid, pr, vlb"]),
     ("leaderboard", ["runs=[DIR|GLOB", "out=leaderboard", "metric=fid", "direction=auto", "~leaderboard"]),
@@ -43,3 +43,11 @@ def test_command_help_shows_its_main_settings(command, settings):
     assert run.stdout.startswith(f"lightning-diff {command} ")
     assert all(s in run.stdout for s in settings), run.stdout
     assert "Powered by Hydra" not in run.stdout and "is powered by Hydra" not in run.stdout
+
+
+def test_a_plus_typo_exits_with_the_key_and_a_did_you_mean(tmp_path):
+    """The console path: Hydra's hint after ``formulaton=vp`` is ``+formulaton=vp``, which used to train EDM."""
+    run = cli("train", "+formulaton=vp", f"hydra.run.dir={tmp_path / 'run'}")
+    assert run.returncode != 0
+    assert "+formulaton=vp: lightning-diff train has no setting 'formulaton'" in run.stderr, run.stderr[-2000:]
+    assert "did you mean formulation?" in run.stderr

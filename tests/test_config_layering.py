@@ -13,14 +13,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lightning_diff"
 LAYERS = {
     # the ground floor: schedules, networks, data, closed forms, and the leaf utilities
     "formulations": 0, "networks": 0, "data": 0, "analytic": 0, "optim": 0, "checkpoint_io": 0, "config": 0,
-    "known_warnings": 0,
+    "known_warnings": 0, "run_lock": 0,
     "sampling.schedules": 0,  # sigma grids: pure functions that the formulations' default grids are made of
     "denoiser": 1,
     "sampling": 2, "likelihood": 2, "metrics": 2, "objectives": 2, "analytic_dpm": 2,
     "extended_analytic_dpm": 2,
     "pretrained.remote": 0,  # download and cache: a leaf utility (published FID statistics use it too)
     "pretrained": 3, "module": 3,
-    "evaluation": 4, "callbacks": 4, "builders": 4, "reports": 4,
+    "evaluation": 4, "callbacks": 4, "builders": 4, "reports": 4, "resume_check": 4,
+    "config_check": 4,  # the check every entry point runs first: reads the constants of the layers below
     "train": 5, "sample": 5, "evaluate": 5, "leaderboard": 5, "classifier": 5,  # the entry points
     "distillation": 5, "reflow": 5, "reproduction": 5,
     "cli": 6,

@@ -417,3 +417,79 @@ def test_a_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"ckpt_path={missing}: no such file; allowed: a checkpoint "
                                                 "file, last"):
         _run(tmp_path, 5, "~logger", f"ckpt_path={missing}")
+
+
+# --- what a failed run leaves, run length, file modes (issue 21, item 5) --------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_checkpoints_records_and_the_reference_cache_follow_the_umask(tmp_path, umask):
+    """The oracle is ``open()``: a file it creates under the same umask (0644 under umask 022). Before, the atomic
+    writes' ``tempfile.mkstemp`` made every checkpoint, record and cache file 0600."""
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+        checkpoint = tmp_path / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, checkpoint)
+        written = [checkpoint, write_new_text(tmp_path / "eval-a.json", "{}"),
+                   save_reference("ref", _reference(), tmp_path)]
+    finally:
+        os.umask(previous)
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
+        path.name: oct(expected) for path in written}
+
+
+@pytest.mark.parametrize("length", [["trainer.max_steps=0"], ["trainer.max_steps=-3"],
+                                    ["trainer.max_steps=-1", "trainer.max_epochs=-1"]],
+                         ids=["zero", "negative", "unbounded"])
+def test_a_run_length_that_trains_nothing_or_never_ends_is_refused(tmp_path, length):
+    with pytest.raises(ValueError, match=r"trainer\.max_steps=-?\d+ .*allowed: an integer >= 1 .* or -1 with "
+                                         r"trainer\.max_epochs >= 1"):
+        _run(tmp_path, 5, "~logger", *length)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _train_process(tmp_path, *overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lightning_diff.train", *TINY, "~logger", *overrides], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_folder(tmp_path):
+    out = tmp_path / "run"
+    done = _train_process(tmp_path, f"hydra.run.dir={out}", "trainer.max_steps=0")
+    assert done.returncode == 1, done.stdout[-2000:]  # before: exit 0, a folder with a step-0 last.ckpt
+    assert "trainer.max_steps=0" in done.stderr
+    assert not out.exists()
+
+
+FAILING_CALLBACK = '''
+import pytorch_lightning as pl
+
+
+class FailAt(pl.Callback):
+    """Raises at the end of training step ``step`` (a drill)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"drill at step {self.step}")
+'''
+
+
+def test_a_run_that_fails_keeps_its_folder_and_its_train_log_says_why(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 5, "~logger")
+    (tmp_path / "failer.py").write_text(FAILING_CALLBACK)
+    done = _train_process(tmp_path, f"hydra.run.dir={out}", "ckpt_path=last", "trainer.max_steps=10",
+                          "+callbacks.fail._target_=failer.FailAt", "+callbacks.fail.step=7")
+    assert done.returncode == 1 and "drill at step 7" in done.stderr, done.stderr[-2000:]
+    log = (out / "train.log").read_text()
+    assert f"Resumed from {out}/checkpoints/last.ckpt at global step 5" in log
+    assert "Traceback" in log and "RuntimeError: drill at step 7" in log  # before: train.log had no error
+    assert load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 5  # nothing of value removed

@@ -113,8 +113,9 @@ def test_dit_trains_on_latents(latents, vae, tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     cfg = compose_config("train", ["experiment=dit_xl2_imagenet256", f"data.path={latents}", "data.batch_size=4",
                                    "data.num_workers=0", "data.val_fraction=0.34", f"data.vae={tmp_path / 'vae'}",
-                                   "network=dit_tiny", "network.num_classes=2", "global_batch_size=4", "trainer=cpu",
-                                   "trainer.max_steps=2", "logger=csv", "callbacks.progress=null",
+                                   "network=dit_tiny", "network.num_classes=2", "network.out_channels=8",
+                                   "global_batch_size=4", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
+                                   "callbacks.progress=null",
                                    "callbacks.sample_grid=null"], tmp_path / "run")
     result = train(cfg)
     assert Path(result["checkpoint"]).exists() and result["train/loss"] > 0

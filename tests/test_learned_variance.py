@@ -280,6 +280,26 @@ def test_strided_learned_variance_sampler_equals_p_sample(gd, monkeypatch, T, st
     assert (fixed - ours).abs().max() > 1e-2  # the variance channels really change the samples
 
 
+
+def test_hybrid_on_latents_with_decoder_bits_equals_dits_training_loss(gd, monkeypatch):
+    """DiT's train.py runs guided-diffusion's training_losses on continuous latents: L_0 is their discretized
+    Gaussian over 256 bins of [-1, 1] whatever the data; objective.decoder_bits=8 on continuous data is that loss."""
+    _exact_cdf(monkeypatch, gd[2])
+    formulation, theirs = _setup(gd, "linear", 40, gd[0].LossType.RESCALED_MSE)
+    head, objective = Head(), HybridLoss(decoder_bits=8)
+    objective.prepare(formulation, CONTINUOUS)
+    _, t, noise = _batch(40)
+    t[:2] = 0  # the decoder term
+    x0 = 0.8 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(3))  # latents: off the 8-bit grid
+    loss, _ = objective(Denoiser(head, formulation, variance_trained=True), x0, sigma=formulation.grid.flip(0)[t],
+                        noise=noise)
+    torch.testing.assert_close(loss.detach(), theirs.training_losses(head, x0, t, noise=noise)["loss"].detach(),
+                               rtol=2e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"objective=hybrid: .*continuous.*objective.decoder_bits=8"):
+        HybridLoss().prepare(formulation, CONTINUOUS)
+    with pytest.raises(ValueError, match=r"objective.decoder_bits=4 is for continuous data; these data have 8-bit"):
+        HybridLoss(decoder_bits=4).prepare(formulation)
+
 def test_bad_settings_raise():
     edm = formulations.get("edm")
     with pytest.raises(ValueError, match=r"objective=hybrid .*formulation=edm is continuous.*allowed: .*ddpm"):

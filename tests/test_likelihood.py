@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,6 +213,102 @@ def test_vlb_of_exact_model_bounds_true_nll_and_is_close():
     # the large variance gives the tighter bound (Ho et al. 2020 sec. 3.2; Nichol & Dhariwal Fig. 2).
     assert vlb["fixed_small"] > vlb["fixed_large"] > true_bpd
     assert vlb["fixed_large"] - true_bpd < 0.025 * true_bpd
+
+
+def _k_step_bound_oracle(x_int: torch.Tensor, taus: np.ndarray, noises: list, variance: str) -> tuple:
+    """Bao et al. 2022 (Analytic-DPM), Sec. 4 / App.: the negative ELBO of the K-step chain tau_1 < ... < tau_K
+    (0-based DDPM timesteps, tau_1 = 0) of linear-beta data x_0 = x_int / 127.5 - 1 under the exact (clipped)
+    posterior mean of Gaussian data N(MU, S^2 I), in numpy float64, written from the paper:
+
+        L = KL(q(x_tau_K | x_0) || N(0, I)) + sum_{k>=2} KL(q(x_tau_{k-1} | x_tau_k, x_0) || p(x_tau_{k-1} | x_tau_k))
+            - log p(x_0 | x_tau_1),
+
+    q(x_s | x_r, x_0) = N(sqrt(abar_s) beta_{r|s} / (1 - abar_r) x_0 + sqrt(alpha_{r|s}) (1 - abar_s) / (1 - abar_r)
+    x_r, (1 - abar_s) / (1 - abar_r) beta_{r|s}), alpha_{r|s} = abar_r / abar_s = 1 - beta_{r|s} (their eq. for the
+    skip-step posterior; Ho et al. eq. 7 on the sub-sequence). The model's variance: beta~ (fixed_small) or
+    beta_{r|s} (fixed_large); the decoder N(x0_hat, beta~ of the chain's second step), discretized on the bins
+    x_0 +- 1/255 with open end bins (Ho et al. eq. 13). ``noises[k]``: eps of x_tau_k. Returns (terms [K, B], prior
+    [B]) in bits/dim."""
+    from scipy.special import ndtr
+
+    T, d = 1000, x_int[0].numel()
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))  # Ho et al. 2020's linear betas
+    x0 = x_int.numpy().astype(np.float64) / 127.5 - 1
+
+    def kl(m1, v1, m2, v2):  # KL(N(m1, v1) || N(m2, v2)) per element, nats
+        return 0.5 * (np.log(v2 / v1) + v1 / v2 + (m1 - m2) ** 2 / v2 - 1)
+
+    def x0_hat(x_r, a):  # E[x_0 | x_r] of Gaussian data, clipped to [-1, 1]
+        return np.clip(MU + S**2 * np.sqrt(a) * (x_r - np.sqrt(a) * MU) / (a * S**2 + 1 - a), -1, 1)
+
+    def posterior(s, r, x_r, y):  # (mean, var) of q(x_s | x_r, x_0 = y)
+        skip_beta = 1 - abar[r] / abar[s]
+        mean = (np.sqrt(abar[s]) * skip_beta * y + np.sqrt(1 - skip_beta) * (1 - abar[s]) * x_r) / (1 - abar[r])
+        return mean, (1 - abar[s]) / (1 - abar[r]) * skip_beta
+
+    terms = np.zeros((len(taus), x0.shape[0]))
+    for k, r in enumerate(taus):
+        x_r = np.sqrt(abar[r]) * x0 + np.sqrt(1 - abar[r]) * noises[k]
+        if k == 0:
+            _, var = posterior(taus[0], taus[1], x_r, x0)  # beta~ of the second step (beta~ of tau_1 is 0)
+            mean, sd, w = x0_hat(x_r, abar[r]), np.sqrt(var), 1 / 255  # half a bin of x_int / 127.5 - 1
+            hi = np.where(x_int.numpy() >= 255, 1.0, ndtr((x0 + w - mean) / sd))
+            lo = np.where(x_int.numpy() <= 0, 0.0, ndtr((x0 - w - mean) / sd))
+            nats = -np.log(hi - lo)
+            assert np.isfinite(nats).all()
+        else:
+            s = taus[k - 1]
+            true_mean, true_var = posterior(s, r, x_r, x0)
+            model_mean, _ = posterior(s, r, x_r, x0_hat(x_r, abar[r]))
+            model_var = true_var if variance == "fixed_small" else 1 - abar[r] / abar[s]
+            nats = kl(true_mean, true_var, model_mean, model_var)
+        terms[k] = nats.reshape(len(x0), -1).sum(1) / (d * math.log(2))
+    prior = kl(np.sqrt(abar[taus[-1]]) * x0, 1 - abar[taus[-1]], 0.0, 1.0).reshape(len(x0), -1).sum(1)
+    return terms, prior / (d * math.log(2))
+
+
+@pytest.mark.parametrize(
+    ("spacing", "variance", "taus"),
+    [
+        (None, "fixed_small", np.round(np.linspace(0, 999, 10)).astype(int)),  # the default: Bao et al.'s even steps
+        ("linspace", "fixed_large", np.round(np.linspace(0, 999, 10)).astype(int)),
+        ("quadratic", "fixed_small", (np.linspace(0, np.sqrt(800), 10) ** 2).astype(int)),  # DDIM's / their quad
+    ],
+)
+def test_strided_vlb_is_the_k_step_bound_of_bao_et_al(spacing, variance, taus):
+    """``vlb_bits_per_dim(steps=10)`` equals, term by term, the negative ELBO of the 10-step chain that starts at
+    timestep 0 (Bao et al. 2022's K-step bound; their code asserts tau_1 = 1, 1-based), written independently in
+    numpy above, on the same x_t draws, with the exact posterior mean of Gaussian data."""
+    d, n, K = 4, 8, 10
+    gm = GaussianMixture(torch.full((d,), MU, dtype=torch.float64), S, shape=(d,))  # MU exact, as the oracle's
+    x_int = ((gm.sample(n, torch.Generator().manual_seed(6)) + 1) * 127.5).round().clamp(0, 255)
+    options = {} if spacing is None else {"spacing": spacing}
+    bpd, info = vlb_bits_per_dim(gm, x_int, formulations.get("ddpm"), scale=1 / 127.5, offset=-1.0,
+                                 variance=variance, steps=K, generator=torch.Generator().manual_seed(7), **options)
+    g = torch.Generator().manual_seed(7)  # the draws of x_tau_k, k = 1..K in turn
+    noises = [torch.randn(x_int.shape, generator=g, dtype=torch.float64).numpy() for _ in range(K)]
+    terms, prior = _k_step_bound_oracle(x_int, taus, noises, variance)
+    assert info["timesteps"].tolist() == taus.tolist() and info["nfe"] == K
+    np.testing.assert_allclose(info["terms_bpd"].numpy(), terms, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(info["prior_bpd"].numpy(), prior, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(bpd.numpy(), terms.sum(0) + prior, rtol=1e-9)
+
+
+def test_strided_vlb_refuses_a_chain_without_timestep_0():
+    """``trailing`` (the sampler's default spacing) visits 99, 199, ..., 999 for K = 10: no t = 0, so its decoder would
+    score x_0 from x_99. Refused by name, before any network call. At K = T (here T = 40) its chain is the full one,
+    accepted, and gives the full chain's bound."""
+    ddpm, x_int = formulations.get("ddpm"), torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"spacing='trailing' with steps=10.*first timestep is 99.*no timestep 0.*"
+                                         r"allowed: .*linspace"):
+        vlb_bits_per_dim(_gaussian(2), x_int, ddpm, scale=1 / 127.5, offset=-1.0, steps=10, spacing="trailing")
+    with pytest.raises(ValueError, match=r"spacing='uniform' is not known.*allowed"):
+        vlb_bits_per_dim(_gaussian(2), x_int, ddpm, scale=1 / 127.5, offset=-1.0, steps=10, spacing="uniform")
+    short = formulations.get("ddpm", num_timesteps=40)
+    bpd = [vlb_bits_per_dim(_gaussian(2), x_int, short, scale=1 / 127.5, offset=-1.0,
+                            generator=torch.Generator().manual_seed(0), **options)[0]
+           for options in ({"steps": 40, "spacing": "trailing"}, {})]
+    torch.testing.assert_close(bpd[0], bpd[1], rtol=1e-12, atol=0)
 
 
 class EpsAndVariance(torch.nn.Module):

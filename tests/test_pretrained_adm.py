@@ -134,12 +134,19 @@ def test_ddim_trajectory_equals_guided_diffusions_ddim_sample_loop(tmp_path):
 
 
 
-def test_timestep_respacing_is_recorded_with_a_warning_not_applied(tmp_path, caplog):
+@pytest.mark.parametrize("respacing, spacing, steps", [(None, "respace", 250), ("", "respace", 1000),
+                                                       ("50", "respace", 50), (100, "respace", 100),
+                                                       ("ddim25", "respace_ddim", 25)])
+def test_timestep_respacing_sets_the_source_sampler(tmp_path, respacing, spacing, steps):
+    """guided-diffusion's timestep_respacing is the grid of the source's sampler (image_sample.py: p_sample_loop,
+    clip_denoised=True; learn_sigma=False: FIXED_LARGE, create_gaussian_diffusion's sigma_small=False); unset, the
+    model cards' and the ADM paper's 250 steps."""
     write_adm_checkpoint(tmp_path / "model.pt", **BASE)
-    with caplog.at_level("WARNING", logger="lightning_diff.pretrained.adm"):
-        pretrained = adm.load(tmp_path / "model.pt", **BASE, timestep_respacing="ddim25")
-    assert "timestep_respacing='ddim25' is recorded but not applied" in caplog.text
-    assert pretrained.config["timestep_respacing"] == "ddim25" and pretrained.denoiser.formulation.num_timesteps == 1000
+    flags = {} if respacing is None else {"timestep_respacing": respacing}
+    pretrained = adm.load(tmp_path / "model.pt", **BASE, **flags)
+    assert pretrained.denoiser.formulation.spacing == spacing and pretrained.denoiser.formulation.num_timesteps == 1000
+    assert pretrained.sampler == {"name": "ddpm", "steps": steps,
+                                  "options": {"variance": "fixed_large", "clip_denoised": True}}
 
 
 @pytest.mark.parametrize("settings, message", [

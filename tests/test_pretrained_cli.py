@@ -143,9 +143,27 @@ def test_sample_cli_reproduces_edm_images_for_seeds_0_to_7(edm_cond, tmp_path, m
     np.testing.assert_array_equal(result["labels"], expected_labels.numpy())
 
 
+@pytest.mark.parametrize("precond", ["VPPrecond", "VEPrecond"])
+def test_sample_cli_without_sampler_settings_runs_generate_py_on_vp_and_ve_pickles(precond, tmp_path, monkeypatch):
+    """generate.py samples every preconditioner on EDM's time steps (rho 7 between max(0.002, net.sigma_min) and
+    min(80, net.sigma_max)), not the VP/VE formulations' own grids: the pickle's source sampler, with no sampler
+    flag."""
+    path = tmp_path / f"{precond}.pkl"
+    net = write_edm_pickle(path, precond=precond, model_type="SongUNet", img_resolution=8, **TINY_SONG_UNET)
+    expected, _ = edm_generate(net, list(range(3)))
+    monkeypatch.setattr(sys, "argv", ["lightning-diff"])
+    with one_thread():
+        cli.main(["sample", f"ckpt={path}", "seed_protocol=edm", "num_samples=3", "device=cpu",
+                  f"out={tmp_path / 'out'}"])
+    images = np.load(tmp_path / "out" / "samples.npz")["images"]
+    print(f"{precond}: {int((images != expected).sum())} of {images.size} pixels differ")
+    np.testing.assert_array_equal(images, expected)
+
+
 def test_fixed_class_label_and_guidance_errors(edm_cond):
     """class_label fixes every label (EDM still draws one per seed first, so the images equal generate.py's
-    --class run); guidance on a model without a null label names guidance= and what is allowed."""
+    --class run); guidance on EDM's conditional pickles is refused: they were trained with label_dropout=0, so their
+    all-zero label (our null row) was never seen in training (issue 21, item 15)."""
     path, net = edm_cond
     module = load_module(str(path))
     assert module.weights == "released" and module.conditional and module.num_classes == 4
@@ -155,9 +173,9 @@ def test_fixed_class_label_and_guidance_errors(edm_cond):
     assert labels.tolist() == [3, 3]
     with pytest.raises(ValueError, match=r"class_label=9 is invalid; allowed: null or an integer in \[0, 4\)"):
         generate(module, range(2), class_label=9, progress=False)
-    with one_thread():
-        guided, _, _ = generate(module, range(2), guidance=2.0, progress=False, sampler={"name": "heun", "steps": 3})
-    assert torch.isfinite(guided).all()  # EDM's all-zero label is the null label (its label dropout)
+    with pytest.raises(ValueError, match=r"guidance=2.0: .*null label was never trained \(label_dropout=0 in "
+                                         r".*edm-tiny-cond.pkl: format=edm.*allowed: guidance=1"):
+        generate(module, range(2), guidance=2.0, progress=False, sampler={"name": "heun", "steps": 3})
 
 
 class _NoNullLabel(torch.nn.Module):

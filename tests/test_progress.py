@@ -1,4 +1,5 @@
-"""The training progress bar counts optimizer steps to max_steps (Lightning's own shows ``Epoch 153/-2``)."""
+"""The training progress bar counts optimizer steps to max_steps (Lightning's own shows ``Epoch 153/-2``); the
+sampling loops of ``sample`` and ``evaluate`` print plain progress lines where stdout is not a terminal."""
 
 import io
 import re
@@ -7,10 +8,14 @@ import pytest
 import pytorch_lightning as pl
 import rich
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from rich.console import Console
 
-from lightning_diff.builders import build_datamodule, build_module
+from lightning_diff.builders import build_datamodule, build_module, load_module
 from lightning_diff.callbacks.progress import StepProgressBar
 from lightning_diff.config import compose
+from lightning_diff.evaluation import generate
+from lightning_diff.evaluation.progress import LineProgress
+from lightning_diff.module import SamplerSettings
 from lightning_diff.train import train
 
 # toy2d, 64 points in batches of 16: 4 batches an epoch, so 7 steps end inside the second epoch.
@@ -89,3 +94,52 @@ def test_epoch_bounded_run_keeps_lightnings_bar(tmp_path):
     task = bar.train_progress_bar
     assert (task.total, task.completed) == (4, 4)
     assert "Epoch 1/1" in task.description
+
+
+# --- sampling loops: plain lines in a log --------------------------------------------------------------------
+
+LINE = r"sampling \(heun, 2 steps\): (\d+)/10 images \(\d+%\), [\d.]+ images/s, elapsed \d:\d\d:\d\d, ETA \d:\d\d:\d\d$"
+
+
+def _run(screen, batches, seconds_per_batch, total, **console):
+    """Advance a task of ``total`` images by ``batches`` (sizes) on a clock of ``seconds_per_batch`` per batch."""
+    clock = [0.0]
+    with LineProgress(console=Console(file=screen, **console), get_time=lambda: clock[0]) as bar:
+        task = bar.add_task("sampling (heun, 18 steps)", total=total)
+        for size in batches:
+            clock[0] += seconds_per_batch
+            bar.advance(task, size)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+
+
+def test_log_gets_a_line_after_the_first_batch_then_per_tenth():
+    """5 images a second: the first batch, then 10, 20... 100; at 50 of 100, 10 s in, 10 s are left."""
+    lines = _run(io.StringIO(), [5] * 20, 1.0, 100).splitlines()
+    assert [line.split()[4] for line in lines] == ["5/100", *(f"{k}/100" for k in range(10, 101, 10))]
+    assert lines[0] == "sampling (heun, 18 steps): 5/100 images (5%), 5 images/s, elapsed 0:00:01, ETA 0:00:19"
+    assert lines[5] == "sampling (heun, 18 steps): 50/100 images (50%), 5 images/s, elapsed 0:00:10, ETA 0:00:10"
+
+
+def test_log_gets_a_line_at_least_every_30_seconds():
+    """One image per 20 s of 1000: lines at 20 s (first batch), then 60, 100, 140, 180 s (30 s or more apart)."""
+    lines = _run(io.StringIO(), [1] * 10, 20.0, 1000).splitlines()
+    assert [line.split("elapsed ")[1].split(",")[0] for line in lines] == [
+        "0:00:20", "0:01:00", "0:01:40", "0:02:20", "0:03:00"]
+
+
+def test_terminal_states_a_long_estimate_once_after_the_first_batch():
+    """The paper protocol on a CPU: 64 of 50,000 images in 20 s leave (50000 - 64) * 20 / 64 = 15605 s = 4:20:05,
+    stated once above the bar; a 640-image task (9 s left) gets no line."""
+    drawn = _run(io.StringIO(), [64] * 3, 20.0, 50_000, force_terminal=True, width=150)
+    assert drawn.count("elapsed") == 1, drawn
+    assert ("sampling (heun, 18 steps): 64/50000 images (0%), 3.2 images/s, elapsed 0:00:20, ETA 4:20:05"
+            in drawn), drawn
+    assert "elapsed" not in _run(io.StringIO(), [64] * 3, 1.0, 640, force_terminal=True, width=150)
+
+
+def test_generate_prints_progress_lines_where_stdout_is_not_a_terminal(digits_ckpt, capsys):
+    """Under nohup, a log file or SLURM (here: pytest's captured stdout), 10 images in batches of 2 print a line per
+    batch (each a fifth). (Before: rich's transient bar printed nothing at all.)"""
+    generate(load_module(digits_ckpt), range(10), sampler=SamplerSettings(name="heun", steps=2, batch_size=2))
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.match(LINE, line)[1] for line in lines] == ["2", "4", "6", "8", "10"], lines

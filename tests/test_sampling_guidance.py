@@ -239,6 +239,28 @@ def test_classifier_guidance_with_a_float32_module_inside_a_float64_sampler(batc
     assert torch.isfinite(samples).all() and stats["nfe"] == 7  # classifier passes are not network passes
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_ancestral_samplers_apply_the_guidance_themselves_with_the_denoisers_nfe(sampler):
+    """ddpm / ddim split a ClassifierGuidance into the unguided denoiser and the classifier's gradient
+    (tests/test_classifier_guidance_algorithms.py: Algorithm 1 / 2 against guided-diffusion): NFE counts the denoiser's
+    passes only, scale 0 is the unguided sampler exactly, and a positive scale moves the samples."""
+    labels = torch.tensor([0, 1, 2, 2] * 4)
+    x = 3.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=f64)
+    grid = formulations.get("ddpm").sampling_sigmas(6)
+
+    def run(denoiser):
+        stats = {}
+        out = sampling.sample(sampler, denoiser, x, grid, cond={"labels": labels}, stats=stats,
+                              generator=torch.Generator().manual_seed(5))
+        return out, stats["nfe"]
+
+    unguided = run(lambda x, s, labels=None: MIX(x, s))
+    off = run(ClassifierGuidance(lambda x, s, labels=None: MIX(x, s), sigma_frame_classifier, 0.0, frame="sigma"))
+    on = run(ClassifierGuidance(lambda x, s, labels=None: MIX(x, s), sigma_frame_classifier, 2.0, frame="sigma"))
+    assert torch.equal(off[0], unguided[0]) and unguided[1] == off[1] == on[1] == 6
+    assert (on[0] - unguided[0]).abs().max() > 1e-2
+
+
 def test_guidance_wrappers_pass_round_sigma_through():
     iddpm = formulations.get("iddpm")
     net = Denoiser(MLP(dim=2, hidden=8, depth=1, emb_channels=8, num_classes=3), iddpm)

@@ -155,7 +155,7 @@ def test_train_entry_with_accumulation_clipping_and_schedule(tmp_path):
         finish_logging()
     ckpt = torch.load(result["checkpoint"], weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"][
-        "completed"] == 8  # 2 batches per optimizer step
+        "processed"] == 8  # 2 batches a step; saved before counted "completed"
     assert ckpt["lr_schedulers"][0]["_last_lr"] == [pytest.approx(1e-3 * 4 / 8)]
     assert result["weights"] == "ema" and "current_model_state" in ckpt
     # Every accumulated gradient exceeded gradient_clip_val, and the optimizer stepped with norm exactly 0.2.

@@ -8,24 +8,30 @@ the same trajectory and the same W&B run (docs/distributed.md#checkpoints-and-re
   ``wandb_run_id``; on resume each rank gets its own states back just before the first training step.
 The data-loader position is saved by Lightning through ``checkpoint_io.ResumableDataLoader``.
 
-``resolve_ckpt_path`` turns ``ckpt_path=last`` / ``last_if_exists`` into the file to resume from.
+``LastCheckpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` always holds the run's final state, at the
+end of training and after a graceful stop by SIGINT or SIGTERM. ``resolve_ckpt_path`` turns ``ckpt_path=last`` /
+``last_if_exists`` into the file to resume from.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ..checkpoint_io import load_checkpoint
 
-__all__ = ["RunState", "rng_states", "set_rng_states", "resolve_ckpt_path", "saved_wandb_run_id"]
+__all__ = ["RunState", "LastCheckpoint", "StopRequested", "STOP_SIGNALS", "rng_states", "set_rng_states",
+           "resolve_ckpt_path", "saved_wandb_run_id"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,97 @@ class RunState(pl.Callback):
         if self._states_to_restore is not None:
             set_rng_states(self._states_to_restore)
             self._states_to_restore = None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; SLURM's warning before a requeue or the time limit
+
+
+class StopRequested(SystemExit):
+    """Training stopped by a signal after saving ``last.ckpt``; the process exits with 128 + the signal number
+    (130 for SIGINT, 143 for SIGTERM: the shell's convention for a job ended by a signal)."""
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the run's final state, so that ``ckpt_path=last`` continues where
+    the run ended (docs/distributed.md#checkpoints-and-resume).
+
+    - The final step is saved when it is reached (``trainer.max_steps``), before the fit-end work (sample grid,
+      metrics), at the same point of the step as the periodic saves; a run ended otherwise (``max_epochs``) is saved
+      when training ends. (Lightning's ``on_train_end`` writes ``last`` only when nothing was saved during the
+      run, so a 600-step run saving every 500 steps left step 500 in it.)
+    - A graceful stop: SIGINT (Ctrl-C) or SIGTERM during training lets the current optimizer step finish, saves
+      ``last.ckpt`` at that step, and raises ``StopRequested`` (exit status 128 + the signal number), skipping
+      the fit-end work so that the save fits in a scheduler's grace period. The handlers in place before (Python's
+      ``KeyboardInterrupt``, Lightning's SIGTERM notice) are back from the first signal on, so a second Ctrl-C
+      stops at once without saving; a signal that was ignored (``nohup``, a background job) stays ignored. Under DDP the
+      ranks agree on the stop after each optimizer step (one all-reduce of a flag, as Lightning's own SIGTERM
+      broadcast), and all of them save.
+
+    Takes ``ModelCheckpoint``'s arguments, its signature unchanged (``configs/callbacks/default.yaml``:
+    ``save_last: true``).
+    """
+
+    _last_saved_step: int | None = None  # the global step last.ckpt holds, once this callback wrote it
+    _step_seen = 0  # global step at the previous training batch's end (it moves on optimizer steps)
+    _stop_signal: int | None = None  # the signal received during this fit, if any
+    _previous_handlers: tuple[tuple[int, object], ...] = ()  # (signal, handler) replaced while training runs
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_seen, self._stop_signal = trainer.global_step, None
+        self._install_stop_handlers()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the periodic saves
+        stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
+        if not stepped:  # inside a gradient accumulation: no optimizer step has ended here
+            return
+        stop = trainer.strategy.reduce_boolean_decision(self._stop_signal is not None, all=False)  # any rank
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if stop or final:
+            self._restore_handlers()
+            self._save_last(trainer)
+        if stop:
+            signum = self._stop_signal or signal.SIGTERM  # a rank told by another one
+            log.warning("%s: training stopped at global step %d, saved %s; resume with ckpt_path=last",
+                        signal.Signals(signum).name, trainer.global_step, self.last_model_path)
+            raise StopRequested(128 + signum)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+        self._save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _save_last(self, trainer) -> None:
+        """Write ``last.ckpt`` unless it already holds this global step."""
+        if self.save_last and self._last_saved_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_step = trainer.global_step
+
+    def _install_stop_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            return
+        left = (signal.SIG_IGN, None)  # ignored (nohup, a background job) stays so; None: set outside Python
+        self._previous_handlers = tuple((signum, signal.signal(signum, self._request_stop))
+                                        for signum in STOP_SIGNALS if signal.getsignal(signum) not in left)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers:
+            signal.signal(signum, handler)
+        self._previous_handlers = ()
+
+    def _request_stop(self, signum: int, frame) -> None:
+        self._restore_handlers()  # a second signal acts at once
+        self._stop_signal = signum
+        log.warning("%s received: training stops after the current optimizer step and saves last.ckpt (a second "
+                    "Ctrl-C stops at once, without saving)", signal.Signals(signum).name)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> str | None:

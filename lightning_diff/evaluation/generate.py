@@ -6,10 +6,11 @@ import time
 from collections.abc import Mapping
 
 import torch
-from rich.progress import Progress
 
 from ..module import SamplerSettings
+from ..networks.layers import LabelEmbedding
 from ..sampling import PerSampleGenerator, initial_labels, initial_noise
+from .progress import progress_bar
 
 __all__ = ["generate", "labels_protocol"]
 
@@ -22,7 +23,8 @@ def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None,
     Sample i depends only on ``seeds[i]``, whatever the batch size. A conditional module gets label
     ``class_label`` for every sample, or when it is None ``seed % num_classes`` (``seed_protocol="default"``) or
     the label NVlabs/edm's generate.py draws from the seed (``"edm"``, ``sampling.noise``). A latent model
-    (``module.decoder`` set) is decoded to images in model space.
+    (``module.decoder`` set) is decoded to images in model space. ``progress``: a bar on a terminal, plain lines
+    with images/s and ETA in a log (``evaluation.progress``).
 
     ``classifier`` (a ``classifier.NoisyClassifier``) guides with scale ``classifier_scale`` (``module.sample``); an
     unconditional module then samples the classifier's classes, labelled as above.
@@ -36,7 +38,8 @@ def generate(module, seeds, *, sampler: SamplerSettings | Mapping | None = None,
     num_classes = _check_conditioning(module, guidance, class_label, classifier)
     _check_decodable(module)
     out, labels, stats, start, size = [], [], {}, time.perf_counter(), sampler.batch_size
-    with Progress(disable=not progress, transient=True) as bar:
+    unit = "images" if len(module.data_shape or ()) == 3 else "samples"
+    with progress_bar(progress, unit=unit) as bar:  # plain lines where stdout is not a terminal
         task = bar.add_task(f"sampling ({sampler.name}, {sampler.steps_for(module.formulation)} steps)",
                             total=len(seeds))
         for i in range(0, len(seeds), size):
@@ -67,11 +70,30 @@ def _check_conditioning(module, guidance: float, class_label: int | None, classi
         why = "is unconditional" if not num_classes else "has no null label (it was trained without label dropout)"
         raise ValueError(f"guidance={guidance}: classifier-free guidance needs a conditional model with a null "
                          f"label; this model {why}; allowed: guidance=1")
+    untrained = _untrained_null_label(module) if guidance != 1 else None
+    if untrained:
+        raise ValueError(f"guidance={guidance}: classifier-free guidance reads the null label as the unconditional "
+                         f"model, but this model's null label was never trained ({untrained}); allowed: guidance=1, "
+                         "or a model trained with label dropout (network.label_dropout > 0)")
     num_classes = num_classes or (classifier.num_classes if classifier is not None else 0)
     if class_label is not None and not (isinstance(class_label, int) and 0 <= class_label < num_classes):
         allowed = f"null or an integer in [0, {num_classes})" if num_classes else "null (the model is unconditional)"
         raise ValueError(f"class_label={class_label!r} is invalid; allowed: {allowed}")
     return num_classes
+
+
+def _untrained_null_label(module) -> str | None:
+    """Why ``module``'s null label was never trained, None when it was or cannot be told (a backbone that answers
+    ``null_label`` itself): its ``LabelEmbedding`` has ``label_dropout=0``, so training never selected the null row
+    the embedding builds anyway (an NVlabs/edm conditional pickle: its all-zero label, never seen)."""
+    backbone = module.denoiser.backbone
+    embedding = next((m for m in backbone.modules() if isinstance(m, LabelEmbedding)), None)
+    if hasattr(backbone, "null_label") or embedding is None or embedding.dropout > 0:
+        return None
+    released = (module.run_config or {}).get("pretrained")
+    if released is None:
+        return "network.label_dropout=0 in its training run"
+    return f"label_dropout=0 in {released['source']}: format={released['format']}, trained without label dropout"
 
 
 def _check_decodable(module) -> None:

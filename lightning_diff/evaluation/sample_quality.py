@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from ..data.transforms import to_uint8
 from ..metrics import (
@@ -24,6 +23,7 @@ from ..metrics import (
 from ..metrics.extractor import INCEPTION_WEIGHTS_FILE
 from ..module import SamplerSettings
 from .generate import generate, labels_protocol
+from .progress import progress_bar
 from .splits import reference_tag, split_batch, split_view
 
 __all__ = ["SAMPLE_METRICS", "METRIC_OPTIONS", "default_inception_weights", "sample_quality"]
@@ -106,7 +106,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
     transform = module.data_transform if published else datamodule.transform
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler).check(module.formulation)
     sampler_record = {**module.sampler_record(sampler), "guidance": guidance}
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:  # plain lines where stdout is not a terminal
         key, reference_cached = None, None
         if published and "fid" in metrics:
             key, reference_cached = load_published_reference(reference), True

@@ -11,7 +11,7 @@ import torch
 from rich.progress import Progress
 
 from ..data.transforms import bpd_offset
-from ..likelihood import ode_bits_per_dim, vlb_bits_per_dim
+from ..likelihood import ode_bits_per_dim, vlb_bits_per_dim, vlb_sigmas
 from ..metrics import all_reduce_sum, shard
 from .analytic_moments import module_moments
 from .splits import split_batch, split_view
@@ -102,35 +102,36 @@ def require_discrete(formulation):
 
 
 def split_vlb(module, datamodule, *, split: str = "test", num_images: int | None = None, batch_size: int = 64,
-              seed: int = 0, variance: str = "fixed_small", steps: int | None = None, clip_denoised: bool = True,
-              analytic_samples: int = 1000, analytic_cache_dir: str | None = None,
+              seed: int = 0, variance: str = "fixed_small", steps: int | None = None, spacing: str = "linspace",
+              clip_denoised: bool = True, analytic_samples: int = 1000, analytic_cache_dir: str | None = None,
               progress: bool = False) -> tuple[dict, dict]:
     """The discrete variational bound of a ``ddpm`` model in bits/dim on ``split`` (Ho et al. 2020 eq. 5;
-    no dequantization, no offset), over all T timesteps or the strided chain of ``steps`` sampler steps.
+    no dequantization, no offset), over all T timesteps or the strided chain of ``steps`` timesteps of ``spacing``
+    (``likelihood.vlb_sigmas``: a chain that holds timestep 0, checked before any work).
     ``variance="analytic"`` estimates the score moments on ``analytic_samples`` training items first (Bao et al.
     2022; cached under ``analytic_cache_dir``, ``analytic_moments.module_moments``). Returns
     ``({"vlb_bpd": mean}, protocol)``.
 
     Raises ValueError before any work when the formulation has no discrete betas."""
     formulation, transform = require_discrete(module.formulation), datamodule.transform
+    grid = vlb_sigmas(formulation, steps, spacing)
     moments = None
     if variance == "analytic":
-        grid = formulation.grid if steps is None else formulation.sampling_sigmas(steps)
         moments = module_moments(module, grid, datamodule=datamodule, num_samples=analytic_samples, seed=seed,
                                  cache_dir=analytic_cache_dir)
 
     def per_batch(x_int, labels, generator):
         bpd, info = vlb_bits_per_dim(module.denoiser, x_int, formulation, scale=transform.scale,
                                      offset=transform.offset, variance=variance, moments=moments,
-                                     steps=steps, clip_denoised=clip_denoised, labels=labels,
+                                     steps=steps, spacing=spacing, clip_denoised=clip_denoised, labels=labels,
                                      generator=generator)
         return bpd, info["nfe"]
 
     vlb, info = _split_mean(module, datamodule, split=split, num_images=num_images, batch_size=batch_size, seed=seed,
                             per_batch=per_batch, what="vlb", progress=progress)
     protocol = {**info, "variance": variance, "clip_denoised": clip_denoised,
-                "num_timesteps": formulation.num_timesteps, "steps": steps, "batch_size": batch_size,
-                "seed": seed}
+                "num_timesteps": formulation.num_timesteps, "steps": steps,
+                "spacing": None if steps is None else spacing, "batch_size": batch_size, "seed": seed}
     if moments is not None:
         protocol["analytic_samples"] = moments.num_samples
     return {"vlb_bpd": vlb}, protocol

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..sampling.schedules import ddpm_sigmas, iddpm_sigmas
+from ..sampling.schedules import SPACINGS, ddpm_sigmas, iddpm_sigmas
 from .base import Formulation, check_positive, check_range
 from .prediction import VPPrediction, check_prediction
 
@@ -71,7 +71,7 @@ class DDPM(VPPrediction, DiscreteFormulation):
         beta_end: float = 0.02,  # Last beta of the linear schedule (scaled by 1000/T).
         cosine_s: float = 0.008,  # Offset s of the cosine schedule (Nichol & Dhariwal eq. 17).
         max_beta: float = 0.999,  # Clip of the cosine schedule's betas.
-        spacing: str = "trailing",  # Sampling sub-sequence (schedules.ddpm_timesteps); trailing: Lin et al. 2024.
+        spacing: str = "trailing",  # Sampling sub-sequence (schedules.SPACINGS); trailing: Lin et al. 2024.
         betas=None,  # Explicit T betas (a checkpoint's own, diffusers' trained_betas); replace the schedule.
         prediction: str = "eps",  # The network's target: 'eps', 'x0' or 'v' (see the class docstring).
         timestep_scale: float = 1.0,  # c_noise = timestep index * timestep_scale (iDDPM rescale_timesteps: 1000/T).
@@ -82,6 +82,8 @@ class DDPM(VPPrediction, DiscreteFormulation):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"{setting}: beta_schedule={beta_schedule!r} is not known; allowed: {BETA_SCHEDULES}")
         check_prediction(prediction, setting)
+        if spacing not in SPACINGS:
+            raise ValueError(f"{setting}: spacing={spacing!r} is not known; allowed: {', '.join(SPACINGS)}")
         check_range(beta_start, beta_end, setting + " (betas)")
         check_positive("cosine_s", cosine_s, setting)
         check_positive("timestep_scale", timestep_scale, setting)

@@ -18,6 +18,7 @@ from torch import nn
 from ..denoiser import Denoiser
 from ..formulations import DDPM
 from ..networks.adm import ConvResample, DhariwalEncoder, DhariwalUNet
+from ..sampling.schedules import ddpm_timesteps
 from .base import Pretrained
 
 __all__ = ["load", "FLAGS", "build_network", "read_state_dict", "load_classifier", "CLASSIFIER_FLAGS"]
@@ -33,8 +34,10 @@ FLAGS = dict(
     use_new_attention_order=False,  # qkv layout: QKVAttention (True) or QKVAttentionLegacy (False).
     dropout=0.0, use_checkpoint=False, use_fp16=False,  # Training / run settings: no effect on D.
     diffusion_steps=1000, noise_schedule="linear", predict_xstart=False, rescale_timesteps=False,
-    timestep_respacing="", use_kl=False, rescale_learned_sigmas=False,  # Sampling grid and training loss.
+    use_kl=False, rescale_learned_sigmas=False,  # Training loss.
+    timestep_respacing=None,  # The source sampler's grid ("N", "ddimN", "" = all T); None: "250" (model cards).
 )
+PAPER_STEPS = 250  # The model cards' SAMPLE_FLAGS --timestep_respacing 250, the ADM paper's FID tables.
 # guided-diffusion create_model: image_size -> channel_mult when channel_mult="".
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 NOISE_SCHEDULES = ("linear", "cosine")  # guided-diffusion get_named_beta_schedule
@@ -265,14 +268,41 @@ def build_network(path, state: dict[str, torch.Tensor], flags: dict) -> tuple[Dh
     return net.eval(), settings
 
 
-def formulation(flags: dict) -> DDPM:
+def formulation(flags: dict, spacing: str = "respace") -> DDPM:
     """guided-diffusion's ``create_gaussian_diffusion`` as our DDPM: its betas (``noise_schedule``,
     ``diffusion_steps``), x0 or eps prediction (``predict_xstart``), ``t * 1000 / T`` fed to the network
-    (``rescale_timesteps``)."""
+    (``rescale_timesteps``), sampled on its ``space_timesteps`` (``spacing``: ``respace`` or ``respace_ddim``)."""
     T = flags["diffusion_steps"]
     return DDPM(num_timesteps=T, beta_schedule=flags["noise_schedule"],
                 prediction="x0" if flags["predict_xstart"] else "eps",
-                timestep_scale=1000 / T if flags["rescale_timesteps"] else 1.0)
+                timestep_scale=1000 / T if flags["rescale_timesteps"] else 1.0, spacing=spacing)
+
+
+def respacing(value, num_timesteps: int) -> tuple[str, int]:
+    """guided-diffusion's ``timestep_respacing`` as ``(our DDPM spacing, steps)``: ``"N"`` -> ``("respace", N)``,
+    ``"ddimN"`` -> ``("respace_ddim", N)``, ``""`` -> all T timesteps, None -> ``PAPER_STEPS`` (at most T).
+    ValueError naming the flag for several sections (``"10,15,20"``) or a count the grid cannot make."""
+    T = num_timesteps
+    text = "" if value is None else str(value).strip()
+    spacing, count = ("respace_ddim", text[4:]) if text.startswith("ddim") else ("respace", text)
+    if value is None or not text:
+        return spacing, min(PAPER_STEPS, T) if value is None else T
+    allowed = f"allowed: '' (all {T} timesteps), 'N' or 'ddimN' with N in [1, {T}] (one section: '10,15,20' is not)"
+    if not count.isdigit():
+        raise ValueError(f"format=adm: timestep_respacing={value!r} is not supported; {allowed}")
+    try:
+        ddpm_timesteps(T, int(count), spacing)
+    except ValueError as err:
+        raise ValueError(f"format=adm: timestep_respacing={value!r}: {err}; {allowed}") from None
+    return spacing, int(count)
+
+
+def source_sampler(settings: dict, steps: int) -> dict:
+    """guided-diffusion's ``image_sample.py`` as a ``configs/sampler`` node: ``p_sample_loop`` (ancestral DDPM)
+    over ``steps`` respaced timesteps, ``clip_denoised=True``, the variance ``create_gaussian_diffusion`` gives
+    (``learn_sigma``: LEARNED_RANGE; else FIXED_LARGE, its ``sigma_small=False``)."""
+    variance = "learned" if settings["learn_sigma"] else "fixed_large"
+    return {"name": "ddpm", "steps": steps, "options": {"variance": variance, "clip_denoised": True}}
 
 
 def load(path: pathlib.Path, *, map_location="cpu", **flags) -> Pretrained:
@@ -292,8 +322,11 @@ def load(path: pathlib.Path, *, map_location="cpu", **flags) -> Pretrained:
       (False).
     - Recorded in ``Pretrained.config`` only (they do not change D): ``dropout`` (set on the network for
       fine-tuning), ``use_checkpoint``, ``use_fp16`` (weights load in float32; run under autocast for the
-      source's float16 torso), ``use_kl``, ``rescale_learned_sigmas`` (training losses) and
-      ``timestep_respacing`` (the sampling grid is the sampler's choice: a warning says so).
+      source's float16 torso), ``use_kl``, ``rescale_learned_sigmas`` (training losses).
+    - The source's sampler (``Pretrained.sampler``: what sample/evaluate run for the settings they leave null):
+      ``timestep_respacing`` (``respacing``: ``"N"`` or ``"ddimN"``, our formulation's ``respace`` /
+      ``respace_ddim`` spacing; unset, the model cards' 250 steps) with ``image_sample.py``'s ancestral sampler,
+      ``clip_denoised=True`` and ``learn_sigma``'s variance (``source_sampler``).
 
     ``D(x; sigma)`` at the source's levels ``sigma_t = sqrt((1 - abar_t) / abar_t)`` is its x0-prediction
     ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` with ``x_t = sqrt(abar_t) x`` (or its predicted x0);
@@ -305,14 +338,12 @@ def load(path: pathlib.Path, *, map_location="cpu", **flags) -> Pretrained:
     flags = {**FLAGS, **flags}
     path = pathlib.Path(path)
     net, settings = build_network(path, read_state_dict(path, map_location), flags)
-    if settings["timestep_respacing"]:
-        log.warning("format=adm: timestep_respacing=%r is recorded but not applied: choose the sampling grid "
-                    "with the sampler's steps (formulation spacing: %s)", settings["timestep_respacing"],
-                    "trailing, leading, linspace, linear, quadratic")
-    denoiser = Denoiser(net, formulation(settings), variance_trained=settings["learn_sigma"])
+    spacing, steps = respacing(settings["timestep_respacing"], settings["diffusion_steps"])
+    denoiser = Denoiser(net, formulation(settings, spacing), variance_trained=settings["learn_sigma"])
     size = settings["image_size"]
     return Pretrained(denoiser=denoiser, data_shape=(net.enc_conv.in_channels, size, size),
-                      num_classes=settings["num_classes"], format="adm", source=str(path), config=settings)
+                      num_classes=settings["num_classes"], format="adm", source=str(path), config=settings,
+                      sampler=source_sampler(settings, steps))
 
 
 # --- ADM's noise-conditional classifiers (guided-diffusion create_classifier, EncoderUNetModel) ----------------

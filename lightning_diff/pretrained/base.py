@@ -26,6 +26,10 @@ class Pretrained:
         config: the settings the importer read or was given (constructor arguments, flags), for records.
         data_transform: pixels <-> model space of the images (all supported sources: EDM's ``x / 127.5 - 1``).
         decoder: latent models only: a module mapping ``[B, *data_shape]`` latents to images in model space.
+        sampler: the source's own sampler as a ``configs/sampler`` node (``name``, ``steps``, ``options``,
+            ``time_steps``; its grid's spacing is the formulation's): what ``lightning-diff sample`` / ``evaluate``
+            run for the settings they leave null (``DiffusionModule.sampler_from_config``); empty: none known.
+        guidance: the source's classifier-free guidance gamma (1 = none) for a null ``guidance`` setting.
     """
 
     denoiser: Denoiser
@@ -36,3 +40,5 @@ class Pretrained:
     config: dict = field(default_factory=dict)
     data_transform: DataTransform = EDM_PIXELS
     decoder: nn.Module | None = None
+    sampler: dict = field(default_factory=dict)
+    guidance: float = 1.0

@@ -30,6 +30,9 @@ DIT_MODELS = {f"DiT-{size}/{p}": (depth, hidden, p, heads)
               for size, (depth, hidden, heads) in _SIZES.items() for p in (2, 4, 8)}
 VAE_SCALE = 0.18215  # Latent scale of Stable Diffusion's autoencoder (DiT sample.py: decode(latents / 0.18215)).
 LATENT_DOWNSAMPLE = 8  # Image side / latent side of that autoencoder.
+CLASS_DROPOUT = 0.1  # DiT train.py's class_dropout_prob: its LabelEmbedder has the null row only when it is > 0.
+SAMPLING_STEPS = 250  # DiT sample.py / sample_ddp.py --num-sampling-steps (create_diffusion("250")).
+CFG_SCALE = 1.5  # DiT sample_ddp.py --cfg-scale: Table 4's headline FID 2.27 (our gamma: DiT's scale).
 
 # DiT's parameter names -> ours (prefix renames; block parameters keep their names).
 _RENAMES = (("t_embedder.mlp.0.", "t_embedder.1."), ("t_embedder.mlp.2.", "t_embedder.3."),
@@ -166,7 +169,8 @@ def build_network(path, state: dict[str, torch.Tensor], *, model=None, image_siz
     classes, with_null = _classes(path, shapes, num_classes)
     settings = dict(in_channels=shapes["in_channels"], out_channels=shapes["out_channels"],
                     resolution=_resolution(path, shapes, image_size), num_classes=classes,
-                    with_null_label=with_null, patch_size=shapes["patch_size"], hidden_size=shapes["hidden_size"],
+                    with_null_label=with_null, label_dropout=CLASS_DROPOUT if with_null else 0.0,
+                    patch_size=shapes["patch_size"], hidden_size=shapes["hidden_size"],
                     depth=shapes["depth"], num_heads=heads, mlp_ratio=shapes["mlp_ratio"],
                     frequency_embedding_size=shapes["frequency_embedding_size"])
     _learn_sigma(path, shapes, learn_sigma)
@@ -210,7 +214,13 @@ def load(path: pathlib.Path, *, map_location="cpu", model: str | None = None, im
     ``D(x; sigma)`` equals DiT's x0-prediction at DiT's 1000 noise levels; between levels the network gets the
     nearest level's timestep and the preconditioning the given sigma (snap, as EDM's ``iDDPMPrecond``), and
     samplers snap their grids to the levels (``Denoiser.round_sigma``). ``data_shape`` is the latent shape, e.g.
-    ``(4, 32, 32)``.
+    ``(4, 32, 32)``. A label table with the null row was trained with class dropout (``label_dropout`` 0.1).
+
+    The source's sampler (``Pretrained.sampler`` and ``guidance``, what sample/evaluate run for the settings they
+    leave null): DiT's ``sample.py``, ancestral DDPM over ``space_timesteps(1000, "250")`` (the formulation's
+    ``respace`` spacing), learned sigma (else FIXED_LARGE), no clipping (``clip_denoised=False``: latents), and
+    ``sample_ddp.py``'s classifier-free guidance 1.5 (Table 4) when the model has a null label. DiT guides the
+    first three latent channels only (``forward_with_cfg``); ours guides all four.
     """
     if unknown:
         raise ValueError(f"format=dit: unknown flags {sorted(unknown)}; allowed: {', '.join(_FLAGS)}")
@@ -219,9 +229,13 @@ def load(path: pathlib.Path, *, map_location="cpu", model: str | None = None, im
     net, settings = build_network(path, state, model=model, image_size=image_size, num_classes=num_classes,
                                   learn_sigma=learn_sigma, num_heads=num_heads)
     variance_trained = settings["out_channels"] == 2 * settings["in_channels"]
-    denoiser = Denoiser(net, DDPM(num_timesteps=1000, beta_schedule="linear"), variance_trained=variance_trained)
+    formulation = DDPM(num_timesteps=1000, beta_schedule="linear", spacing="respace")
+    denoiser = Denoiser(net, formulation, variance_trained=variance_trained)
     side = settings["resolution"]
+    sampler = {"name": "ddpm", "steps": SAMPLING_STEPS,
+               "options": {"variance": "learned" if variance_trained else "fixed_large", "clip_denoised": False}}
     return Pretrained(denoiser=denoiser, data_shape=(settings["in_channels"], side, side),
                       num_classes=settings["num_classes"], format="dit", source=str(path),
                       config=dict(settings, weights=weights, vae=vae, image_size=side * LATENT_DOWNSAMPLE),
-                      decoder=None if vae is None else load_vae(vae, map_location))
+                      decoder=None if vae is None else load_vae(vae, map_location), sampler=sampler,
+                      guidance=CFG_SCALE if settings["with_null_label"] and settings["num_classes"] else 1.0)

@@ -41,6 +41,8 @@ __all__ = ["ALLOWED_GLOBALS", "ModuleRecord", "load", "read_pickle"]
 # generate.py does; EDMPrecond's own range is unlimited (0, inf) unless set in training.
 GENERATE_SIGMA_MIN = 0.002
 GENERATE_SIGMA_MAX = 80.0
+GENERATE_STEPS = 18  # generate.py --steps: deterministic Heun, 35 NFE (EDM Table 2, CIFAR-10).
+GENERATE_RHO = 7.0  # generate.py --rho: the time-step exponent (EDM eq. 5).
 
 
 class ModuleRecord:
@@ -193,6 +195,20 @@ EDM_MODEL_DEFAULTS = {
                          num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0),
 }
 EDM_HEAD_CHANNELS = 64  # DhariwalUNet: channels per attention head (fixed in EDM's code)
+
+
+def source_sampler(formulation: formulations.Formulation) -> dict:
+    """NVlabs/edm generate.py's defaults as a ``configs/sampler`` node: deterministic Heun (``S_churn`` 0), 18
+    steps on EDM's time steps (eq. 5, rho 7) between ``max(0.002, sigma_min)`` and ``min(80, sigma_max)`` of the net,
+    whatever its preconditioner (``edm_sampler``): ``time_steps`` for VP, VE and iDDPM, whose own grids differ; an
+    EDMPrecond's formulation already has that range and grid."""
+    sampler = {"name": "heun", "steps": GENERATE_STEPS,
+               "options": {"S_churn": 0.0, "S_tmin": 0.0, "S_tmax": math.inf, "S_noise": 1.0}}
+    if formulation.name == "edm":
+        return sampler
+    time_steps = {"sigma_min": max(GENERATE_SIGMA_MIN, formulation.sigma_min),
+                  "sigma_max": min(GENERATE_SIGMA_MAX, formulation.sigma_max), "rho": GENERATE_RHO}
+    return {**sampler, "time_steps": time_steps}
 
 
 def _plain(value):
@@ -407,7 +423,9 @@ def load(path: Path, *, map_location="cpu", **flags) -> Pretrained:
 
     ``D(x, sigma, labels, augment_labels=...)`` equals EDM's ``net(x, sigma, one_hot(labels), augment_labels=...)``
     in float32 (``labels=None`` = EDM's all-zero label); iDDPM nets snap c_noise to the nearest grid level as
-    EDM's ``iDDPMPrecond`` does and return the first ``img_channels`` output channels.
+    EDM's ``iDDPMPrecond`` does and return the first ``img_channels`` output channels. ``Pretrained.sampler`` is
+    generate.py's (``source_sampler``): what sample/evaluate run for the settings they leave null. The conditional
+    pickles were trained with ``label_dropout=0``: their all-zero label was never seen, so guidance is refused.
     Args:
         path: the local ``.pkl``.
         map_location: device of the returned denoiser (a string or ``torch.device``).
@@ -439,4 +457,5 @@ def load(path: Path, *, map_location="cpu", **flags) -> Pretrained:
                   model_kwargs=kw, use_fp16=bool(precond.state.get("use_fp16", False)),
                   formulation=formulation.config())
     return Pretrained(denoiser=denoiser, data_shape=(kw["in_channels"], kw["img_resolution"], kw["img_resolution"]),
-                      num_classes=kw["label_dim"], format="edm", source=str(path), config=config)
+                      num_classes=kw["label_dim"], format="edm", source=str(path), config=config,
+                      sampler=source_sampler(formulation))

@@ -4,6 +4,11 @@ written in the sigma-frame so that they run on any grid.
 On a grid of noise levels the DDPM quantities follow from ``abar = 1 / (1 + sigma^2)`` (docs/formulations.md#ddpm:
 ``sigma = sqrt((1 - abar) / abar)``), with ``alpha_t = abar_t / abar_{t-1}`` and ``beta_t = 1 - alpha_t``
 between consecutive grid points (what improved-diffusion's respacing does for strided grids).
+
+Classifier guidance (``ClassifierGuidance``, docs/samplers.md#classifier-guidance) is applied by the samplers here, not
+by the wrapper (``split_classifier_guidance``), so that it lands where guided-diffusion puts it: ``ddpm`` shifts the
+ancestral mean by ``s Sigma grad_{x_t} log p`` (Dhariwal & Nichol 2021, Algorithm 1: ``p_sample(cond_fn=...)``),
+``ddim`` adds the score term to the clipped x0 (their Algorithm 2: ``ddim_sample(cond_fn=...)``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 
 from .. import analytic_dpm
 from .core import Evaluator, check_choice, check_grid, round_sigma_of, to_dtype
+from .guidance import split_classifier_guidance
 from .noise import randn_like
 
 __all__ = ["ddim", "ddpm", "DDPM_VARIANCES"]
@@ -21,10 +27,16 @@ __all__ = ["ddim", "ddpm", "DDPM_VARIANCES"]
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "analytic", "learned", "sn", "npr")
 
 
-def _denoise(evaluate: Evaluator, state, sigma, clip_denoised: bool):
-    """D(x; sigma), clamped to the data range [-1, 1] when ``clip_denoised`` (improved-diffusion)."""
+def _denoise(evaluate: Evaluator, guidance_grad, state, sigma: float, clip_denoised: bool):
+    """``(D, g)``: D(x; sigma) ``[B, ...]`` of the unguided model, clamped to the data range [-1, 1] when
+    ``clip_denoised`` (improved-diffusion), and the classifier-guidance gradient ``g = s grad_x log p(c | x; sigma)``
+    w.r.t. the sigma-frame x (``split_classifier_guidance``; None when unguided), both in the solver dtype."""
     denoised = evaluate(state, sigma)
-    return denoised.clamp(-1, 1) if clip_denoised else denoised
+    denoised = denoised.clamp(-1, 1) if clip_denoised else denoised
+    if guidance_grad is None:
+        return denoised, None
+    grad = guidance_grad(state, evaluate.sigma_batch(sigma), **evaluate.cond)
+    return denoised, None if grad is None else grad.to(evaluate.dtype)
 
 
 def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, generator=None, callback=None,
@@ -41,16 +53,23 @@ def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, 
         clip_denoised: clamp D to [-1, 1] (images) and re-derive eps_hat from it, as improved-diffusion's
             ``ddim_sample``; off by default (the DDIM paper's code does not clip).
         Others as in ``euler``; ``generator`` draws the eta > 0 noise.
+
+    Classifier guidance (a ``ClassifierGuidance`` denoiser) is the score form, Dhariwal & Nichol 2021 Algorithm 2:
+    ``eps_hat - sqrt(1 - abar) s grad_{x_t} log p``, i.e. ``D + sigma^2 s grad_x log p``, added after the clipping
+    as guided-diffusion's ``condition_score``.
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
     grid = check_grid(sigmas, x, "ddim", denoiser)
     if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise ValueError(f"sampler=ddim: eta={eta!r} is invalid; allowed: 0 <= eta <= 1")
-    evaluate = Evaluator(denoiser, x, dtype, cond, stats, callback)
+    model, guidance_grad = split_classifier_guidance(denoiser)
+    evaluate = Evaluator(model, x, dtype, cond, stats, callback)
     state = to_dtype(x, dtype)
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
-        denoised = _denoise(evaluate, state, sigma, clip_denoised)
+        denoised, grad = _denoise(evaluate, guidance_grad, state, sigma, clip_denoised)
+        if grad is not None:
+            denoised = denoised + sigma**2 * grad  # Algorithm 2 (score form), score = (D - x) / sigma^2
         evaluate.report(i, state, sigma, denoised)
         eps = (state - denoised) / sigma
         sigma_up = eta * sigma_next * math.sqrt(1 - (sigma_next / sigma) ** 2)
@@ -84,42 +103,76 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
         clip_denoised: clamp x0_hat to [-1, 1] (Ho et al.'s and improved-diffusion's ``clip_denoised``);
             off by default here so that non-image data are not clipped.
         Others as in ``euler``.
+
+    Classifier guidance (a ``ClassifierGuidance`` denoiser) is Dhariwal & Nichol 2021, Algorithm 1, as
+    guided-diffusion's ``p_sample(cond_fn=...)``: ``mu <- mu + s Sigma grad_{x_t} log p(c | x_t)``, mu from the
+    unguided (clipped) x0_hat, Sigma the step's variance above, fixed or learned. On the last step, which draws no
+    noise, Sigma is 0 for ``fixed_small`` and guided-diffusion's clipped posterior variance for ``fixed_large`` and
+    ``learned`` (``_step_variance``). The callback's ``denoised`` is the unguided x0_hat (their ``pred_xstart``).
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
     grid = check_grid(sigmas, x, "ddpm", denoiser)
     check_choice("ddpm", "variance", variance, DDPM_VARIANCES)
     analytic = _analytic_variances(grid, variance, moments)
-    learned = _VarianceHead(denoiser) if variance == "learned" else None
+    model, guidance_grad = split_classifier_guidance(denoiser)
+    learned = _VarianceHead(model) if variance == "learned" else None
     if variance in ("sn", "npr"):  # Extended-Analytic-DPM (Bao et al. ICML 2022); imported here: no import cycle
         from ..extended_analytic_dpm import SecondMomentHead
 
-        learned = SecondMomentHead(denoiser, variance)
-    evaluate = Evaluator(denoiser if learned is None else learned, x, dtype, cond, stats, callback)
+        learned = SecondMomentHead(model, variance)
+    evaluate = Evaluator(model if learned is None else learned, x, dtype, cond, stats, callback)
     state = to_dtype(x, dtype)
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
-        x0 = _denoise(evaluate, state, sigma, clip_denoised)
+        x0, grad = _denoise(evaluate, guidance_grad, state, sigma, clip_denoised)
         evaluate.report(i, state, sigma, x0)
-        abar, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-        alpha = abar / abar_prev
-        beta = 1 - alpha
+        abar, abar_prev, beta, _ = _step_betas(sigma, sigma_next)
         x_t = math.sqrt(abar) * state
         mean = (math.sqrt(abar_prev) * beta / (1 - abar) * x0
-                + math.sqrt(alpha) * (1 - abar_prev) / (1 - abar) * x_t)  # Ho et al. eq. 7
+                + math.sqrt(abar / abar_prev) * (1 - abar_prev) / (1 - abar) * x_t)  # Ho et al. eq. 7
         x_prev = mean
-        if sigma_next > 0:
-            small = (1 - abar_prev) / (1 - abar) * beta
-            if variance in ("sn", "npr"):
-                std = learned.variance(sigma, sigma_next).to(dtype).sqrt()
-            elif learned is not None:
-                frac = (learned.v.to(dtype) + 1) / 2  # Nichol & Dhariwal 2021 eq. 15
-                std = (0.5 * (frac * math.log(beta) + (1 - frac) * math.log(small))).exp()
-            else:
-                var = analytic[i] if analytic is not None else (small if variance == "fixed_small" else beta)
-                std = math.sqrt(var)
-            x_prev = mean + std * randn_like(mean, generator)
+        if grad is not None or sigma_next > 0:  # Sigma, the step's variance (an unguided last step draws no noise)
+            var = _step_variance(variance, grid, i, learned, analytic, dtype)
+            if grad is not None:
+                # Dhariwal & Nichol 2021, Algorithm 1: mu + s Sigma grad_{x_t} log p(c | x_t), in the VP frame of mu;
+                # the sigma-frame x = x_t / sqrt(abar_t) gives grad_{x_t} = grad_x / sqrt(abar_t).
+                x_prev = x_prev + var * grad / math.sqrt(abar)
+            if sigma_next > 0:
+                x_prev = x_prev + var**0.5 * randn_like(x_prev, generator)
         state = x_prev / math.sqrt(abar_prev)
     return state.to(x.dtype)
+
+
+def _step_betas(sigma: float, sigma_next: float) -> tuple[float, float, float, float]:
+    """``(abar_t, abar_{t-1}, beta_t, beta~_t)`` of the step ``sigma -> sigma_next`` (module docstring: abar =
+    1 / (1 + sigma^2), alpha_t = abar_t / abar_{t-1}); beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (Ho et al.
+    eq. 7) is 0 on a step to sigma = 0."""
+    abar, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    beta = 1 - abar / abar_prev
+    return abar, abar_prev, beta, (1 - abar_prev) / (1 - abar) * beta
+
+
+def _step_variance(variance: str, grid: list[float], i: int, learned, analytic: list[float] | None,
+                   dtype: torch.dtype):
+    """Sigma of step ``i`` of ``grid``, the variance of x_{t-1} given x_t in the VP frame: a float, or ``[B, ...]``
+    for ``learned`` / ``sn`` / ``npr`` (from the step's network pass, held by ``learned``).
+
+    On the step to sigma = 0 (beta~ = 0; only classifier guidance reads Sigma there) ``fixed_large`` and ``learned``
+    take guided-diffusion's clipped posterior variance, the beta~ of the step before (improved-diffusion's
+    ``posterior_log_variance_clipped``; ``fixed_large``: ``append(posterior_variance[1], betas[1:])``), or beta on a
+    one-step grid, which has no step before."""
+    _, _, beta, small = _step_betas(grid[i], grid[i + 1])
+    if variance == "fixed_small":
+        return small
+    if variance == "analytic":
+        return analytic[i]
+    if variance in ("sn", "npr"):
+        return learned.variance(grid[i], grid[i + 1]).to(dtype)
+    clipped = small if small > 0 else (_step_betas(grid[i - 1], grid[i])[3] if i > 0 else beta)
+    if variance == "fixed_large":
+        return beta if small > 0 else clipped
+    frac = (learned.v.to(dtype) + 1) / 2  # Nichol & Dhariwal 2021 eq. 15
+    return (frac * math.log(beta) + (1 - frac) * math.log(clipped)).exp()
 
 
 class _VarianceHead:

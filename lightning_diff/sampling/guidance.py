@@ -16,7 +16,7 @@ from torch import nn
 
 from .core import network_passes, round_sigma_of
 
-__all__ = ["CFGDenoiser", "ClassifierGuidance", "CLASSIFIER_FRAMES", "classifier_inputs"]
+__all__ = ["CFGDenoiser", "ClassifierGuidance", "CLASSIFIER_FRAMES", "classifier_inputs", "split_classifier_guidance"]
 
 CLASSIFIER_FRAMES = ("x_t", "sigma")
 
@@ -143,9 +143,11 @@ def _floating_dtype(module: Callable, default: torch.dtype) -> torch.dtype:
 
 
 class ClassifierGuidance:
-    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 1): add ``scale * grad_x log p(c | x; sigma)``
-    to the score, i.e. ``D <- D + sigma^2 scale grad_x log p(c | x; sigma)`` since score = (D - x) / sigma^2,
-    with x the sigma-frame input.
+    """Classifier guidance (Dhariwal & Nichol 2021) in score form, their Algorithm 2: add
+    ``scale * grad_x log p(c | x; sigma)`` to the score, i.e. ``D <- D + sigma^2 scale grad_x log p(c | x; sigma)``
+    since score = (D - x) / sigma^2, with x the sigma-frame input. Every sampler calls it so, except the ancestral
+    ``ddpm``, which applies their Algorithm 1 (the mean shifted by ``scale Sigma grad``, Sigma the step's variance)
+    through ``split_classifier_guidance``, and ``ddim``, which adds the same score term to its clipped x0.
 
     Input frame of the classifier (``frame``, no default: it must match how the classifier was trained):
 
@@ -164,7 +166,8 @@ class ClassifierGuidance:
         denoiser: ``denoiser(x, sigma, labels=None, **cond)``; called with the same labels, or without them when
             ``denoiser_labels=False`` (an unconditional model guided by the classifier alone).
         classifier: ``classifier(inputs, time) -> logits [B, num_classes]`` in ``frame``.
-        scale: guidance scale s >= 0 (1 gives the exact class-conditional score for an exact classifier).
+        scale: guidance scale s >= 0 (1 gives the exact class-conditional score for an exact classifier);
+            guided-diffusion's ``--classifier_scale`` (its ``cond_fn`` returns ``s grad_{x_t} log p``).
         frame: ``"x_t"`` or ``"sigma"`` (above).
         formulation: the ``Formulation`` of the ``"x_t"`` frame; default ``denoiser.formulation``.
         denoiser_labels: pass the labels to the denoiser (False: it is unconditional).
@@ -209,17 +212,44 @@ class ClassifierGuidance:
 
     def forward_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
                               **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(guided D, v)`` for ``ddpm variance=learned``: the classifier shifts the mean only (Dhariwal & Nichol
-        2021, Algorithm 1), the variance channels are the denoiser's."""
+        """``(guided D, v)``: D in score form (Algorithm 2), the variance channels the denoiser's (the classifier
+        does not change them). ``sampler=ddpm`` does not call this one: it applies Algorithm 1 itself (class doc)."""
         denoised, variance = _forward_with_variance(self.denoiser)(
             x, sigma, labels=labels if self.denoiser_labels else None, **cond)
         return self._guide(denoised, x, sigma, labels), variance
 
-    def _guide(self, denoised: torch.Tensor, x: torch.Tensor, sigma, labels) -> torch.Tensor:
-        """``denoised + sigma^2 s grad log p(labels | x; sigma)``; ``denoised`` when unguided."""
+    def guidance_grad(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
+                      **cond) -> torch.Tensor | None:
+        """``s grad_x log p(labels | x; sigma)`` ``[B, ...]`` w.r.t. the sigma-frame ``x``, in x's dtype (s = ``scale``;
+        guided-diffusion's ``cond_fn``, ``s grad_{x_t} log p`` in the DDPM frame ``x_t = sqrt(abar_t) x``, is this over
+        ``sqrt(abar_t)``); None when unguided (``labels is None`` or s = 0). ``cond`` (the denoiser's other
+        conditioning) is not read."""
         if labels is None or self.scale == 0:
-            return denoised
+            return None
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        grad = self.log_prob_grad(x, sigma, labels)
-        view = (-1,) + (1,) * (x.ndim - 1)
-        return denoised + sigma.reshape(view).to(denoised.dtype) ** 2 * self.scale * grad.to(denoised.dtype)
+        return self.scale * self.log_prob_grad(x, sigma, labels)
+
+    def unguided(self) -> ClassifierGuidance:
+        """This wrapper at scale 0: the wrapped denoiser's D (labels passed as ``denoiser_labels`` says), with its
+        ``forward_with_variance``, ``round_sigma`` and ``network_passes``; for samplers that add ``guidance_grad``
+        themselves (``split_classifier_guidance``)."""
+        return ClassifierGuidance(self.denoiser, self.classifier, 0.0, frame=self.frame, formulation=self.formulation,
+                                  denoiser_labels=self.denoiser_labels)
+
+    def _guide(self, denoised: torch.Tensor, x: torch.Tensor, sigma, labels) -> torch.Tensor:
+        """``denoised + sigma^2 s grad log p(labels | x; sigma)`` (score form); ``denoised`` when unguided."""
+        grad = self.guidance_grad(x, sigma, labels)
+        if grad is None:
+            return denoised
+        sigma = torch.as_tensor(sigma, dtype=denoised.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        return denoised + sigma.reshape((-1,) + (1,) * (x.ndim - 1)) ** 2 * grad.to(denoised.dtype)
+
+
+def split_classifier_guidance(denoiser: Callable) -> tuple[Callable, Callable | None]:
+    """``(model, guidance_grad)`` for a sampler that applies classifier guidance itself (``ddpm``: Dhariwal & Nichol
+    2021, Algorithm 1; ``ddim``: the score term on the clipped x0, as guided-diffusion's ``condition_score``): a
+    ``ClassifierGuidance`` gives its ``unguided()`` self and its ``guidance_grad``; any other denoiser (CFG, a
+    classifier guidance inside another wrapper, none) is ``(denoiser, None)`` and keeps its own (score-form) D."""
+    if isinstance(denoiser, ClassifierGuidance):
+        return denoiser.unguided(), denoiser.guidance_grad
+    return denoiser, None

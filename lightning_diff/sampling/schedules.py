@@ -23,11 +23,12 @@ __all__ = [
     "iddpm_sigmas",
     "ddpm_timesteps",
     "ddpm_sigmas",
+    "respace_timesteps",
     "rf_sigmas",
     "SPACINGS",
 ]
 
-SPACINGS = ("linear", "quadratic", "leading", "trailing", "linspace")
+SPACINGS = ("linear", "quadratic", "leading", "trailing", "linspace", "respace", "respace_ddim")
 
 
 def _check_steps(num_steps: int, minimum: int = 1) -> None:
@@ -112,6 +113,8 @@ def ddpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") 
       ``np.arange(T, 0, -T / N)``, which overshoots to N + 1 entries ending in -1 for some N (62 of
       1..1000 at T = 1000); for those N this is the closed form ``round(T - i T / N) - 1``, i < N, in
       exact arithmetic (ties to even, as numpy rounds).
+    - ``respace``, ``respace_ddim``: guided-diffusion's ``space_timesteps(T, "N")`` and ``(T, "ddimN")``
+      (``respace.py``; improved-diffusion's and DiT's are the same function): ``respace_timesteps``.
 
     Returns a long tensor ``[K]``, largest index first (K = N except ``linear`` as above).
     """
@@ -133,9 +136,36 @@ def ddpm_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linear") 
             idx = [round(Fraction(T * (N - i), N)) - 1 for i in reversed(range(N))]
     elif spacing == "linspace":
         idx = list(np.linspace(0, T - 1, N).round())
+    elif spacing in ("respace", "respace_ddim"):
+        idx = respace_timesteps(T, N, ddim=spacing == "respace_ddim")
     else:
         raise ValueError(f"spacing={spacing!r} is not known; allowed: {', '.join(SPACINGS)}")
     return torch.tensor(idx, dtype=torch.long).flip(0)
+
+
+def respace_timesteps(num_timesteps: int, num_steps: int, ddim: bool = False) -> list[int]:
+    """guided-diffusion's ``space_timesteps`` with one section, increasing: the timesteps its respaced samplers
+    (``timestep_respacing``) visit.
+
+    - ``ddim=False`` (``"N"``): ``round(k s)`` for k < N, s = (T - 1) / (N - 1) accumulated in floating point as
+      the reference adds it (an accumulated .5 can round the other way than ``linspace``'s: 278 of 1..1000 differ
+      at T = 1000), so the first is 0 and the last T - 1.
+    - ``ddim=True`` (``"ddimN"``): ``range(0, T, i)`` with the smallest stride i in [1, T) that gives exactly N
+      timesteps; ValueError naming the spacing when no stride does (N = 999 of T = 1000).
+    """
+    T, N = num_timesteps, num_steps
+    if ddim:
+        stride = next((i for i in range(1, T) if len(range(0, T, i)) == N), None)
+        if stride is None:
+            raise ValueError(f"spacing='respace_ddim' with num_steps={N} of {T}: no integer stride gives exactly {N} "
+                             f"timesteps (guided-diffusion's 'ddim{N}'); allowed: len(range(0, {T}, i)) for an "
+                             "integer stride i, e.g. 10, 25, 50, 100, 250")
+        return list(range(0, T, stride))
+    stride, position, idx = (T - 1) / (N - 1) if N > 1 else 1, 0.0, []
+    for _ in range(N):
+        idx.append(round(position))
+        position += stride
+    return idx
 
 
 def ddpm_sigmas(timestep_sigmas: torch.Tensor, num_steps: int, spacing: str = "linear") -> torch.Tensor:
