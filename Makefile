@@ -32,7 +32,7 @@ browser:
 test-slow: install browser
 	$(PYTEST) -m slow -q
 
-# Performance ratios against the reference tools (issue 14), one table; benchmarks/README.md records a run.
+# Performance ratios against the reference tools, one table; benchmarks/README.md records a run.
 bench: install
 	OMP_NUM_THREADS=1 $(PY) benchmarks/run_all.py
 

@@ -1,20 +1,24 @@
 """``make bench``: run every performance benchmark in turn and print one table of ratios against the
-baselines of issue 14 (benchmarks/README.md records a run with its machine).
+reference tools' baselines (benchmarks/README.md records a run with its machine).
 
 Each benchmark runs as its own process (its full output is echoed); the ratios are read from the lines it
-prints. ``--quick`` passes ``--quick`` to each (a smoke run: the numbers mean nothing).
+prints. ``--quick`` passes ``--quick`` to each (a smoke run: the numbers mean nothing). A full run then compares each
+ratio with its committed value (``committed.json``) and exits non-zero, naming the rows, when one has fallen more
+than 10% below it (for a ``<=`` target, a time ratio: risen more than 10% above it).
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py [--quick] [--compile]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TOLERANCE = 0.10  # a ratio may fall this fraction below its committed value before make bench fails
 X = r"([0-9.]+)x"
 # benchmark -> [(what, regex with the ratio as group 1, target)]
 ROWS = {
@@ -26,6 +30,7 @@ ROWS = {
         ("real loader vs in-memory batch (steps/s)", r"data loading .*\(([0-9.]+)\)", ">= 0.95"),
         ("torch.compile step speed-up", r"torch.compile .*\(" + X, "report"),
     ],
+    "cli_help.py": [("lightning-diff <command> --help vs the module's own (wall)", r"geometric mean .*: " + X, ">= 5")],
     "metrics.py": [("FID throughput vs torch-fidelity calculate_metrics", r"ratio " + X, ">= 1.5")],
     "sampling_speed.py": [
         ("heun float64 (default) vs k-diffusion sample_heun", r"ours heun, float64 state \(default\) .* " + X, ">= 1"),
@@ -59,6 +64,23 @@ def main() -> None:
     print("| benchmark | measure | ratio | target |\n|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")
+    if not args.quick and (worse := regressions(table, json.loads((HERE / "committed.json").read_text()))):
+        raise SystemExit("ratios more than 10% worse than their committed values (benchmarks/committed.json):\n"
+                         + "\n".join(worse))
+
+
+def regressions(table: list[tuple[str, str, str, str]], committed: dict[str, float]) -> list[str]:
+    """The rows of ``table`` (script, measure, ratio, target) whose ratio is more than ``TOLERANCE`` worse than
+    ``committed[measure]``: lower for a speed-up (``>=`` targets), higher for a time ratio (``<=`` targets)."""
+    worse = []
+    for _, what, ratio, target in table:
+        if what not in committed or ratio == "not run":
+            continue
+        value, reference = float(ratio), committed[what]
+        bad = value > reference / (1 - TOLERANCE) if target.startswith("<=") else value < reference * (1 - TOLERANCE)
+        if bad:
+            worse.append(f"{what}: {value:g} against {reference:g} committed (target {target})")
+    return worse
 
 
 if __name__ == "__main__":

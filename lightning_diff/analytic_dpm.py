@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
+from .formulations.posterior import ddpm_posterior
 from .sampling.noise import PerSampleGenerator
 
 __all__ = ["ScoreMoments", "estimate_moments", "optimal_variances", "variance_bounds", "cached_moments",
-           "default_cache_dir"]
+           "default_cache_dir", "step_coefficients", "fingerprint"]
 
 _MATCH_RTOL = 1e-9  # relative tolerance when a grid level is looked up among the estimated levels
 
@@ -76,24 +77,21 @@ class ScoreMoments:
         return self.eps_moments[close.to(torch.int64).argmax(dim=1)]
 
 
-def _step_coefficients(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def step_coefficients(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each step ``sigmas[i] -> sigmas[i + 1]`` of a grid ending in 0: DDPM's posterior variance
     ``lambda^2 = beta~ = betabar_{n-1} / betabar_n beta_n`` and the squared weight ``coef_x0^2`` of x0_hat in the
     posterior mean (Ho et al. eq. 7), with ``abar = 1 / (1 + sigma^2)`` and ``beta_n = 1 - abar_n / abar_{n-1}``
     (the strided chain's re-derived betas). Both ``[N]`` float64, VP frame of x_{n-1}."""
     sigmas = sigmas.to(torch.float64)
-    abar, abar_prev = 1 / (1 + sigmas[:-1] ** 2), 1 / (1 + sigmas[1:] ** 2)
-    beta = 1 - abar / abar_prev
-    posterior = (1 - abar_prev) / (1 - abar) * beta  # Ho et al. eq. 7
-    coef_x0 = abar_prev.sqrt() * beta / (1 - abar)  # Ho et al. eq. 7
-    return posterior, coef_x0**2
+    posterior = ddpm_posterior(1 / (1 + sigmas[:-1] ** 2), 1 / (1 + sigmas[1:] ** 2))  # Ho et al. eq. 7
+    return posterior.variance, posterior.coef_x0**2
 
 
 def variance_bounds(sigmas: torch.Tensor, data_range: tuple[float, float] | None = None):
     """Bao et al. Thm 2: ``(lower [N], upper [N])`` on the optimal variance of each step of ``sigmas`` (decreasing,
     ending in 0): ``lambda^2`` and ``lambda^2 + coef_x0^2 min(sigma^2, ((b - a) / 2)^2)`` (the second term only
     for data in ``[a, b]^d``). VP frame of x_{n-1}, float64."""
-    posterior, coef2 = _step_coefficients(sigmas)
+    posterior, coef2 = step_coefficients(sigmas)
     spread = sigmas[:-1].to(torch.float64) ** 2
     if data_range is not None:
         spread = spread.clamp(max=((data_range[1] - data_range[0]) / 2) ** 2)
@@ -106,7 +104,7 @@ def optimal_variances(sigmas: torch.Tensor, moments: ScoreMoments) -> torch.Tens
     x_n in the VP frame (the ancestral sampler's; the last entry is that of x_0 given x_1, which the sampler does
     not draw). ``moments`` must hold every level of ``sigmas[:-1]``."""
     sigmas = sigmas.to(torch.float64)
-    posterior, coef2 = _step_coefficients(sigmas)
+    posterior, coef2 = step_coefficients(sigmas)
     m = moments.at(sigmas[:-1])
     estimate = posterior + coef2 * sigmas[:-1] ** 2 * (1 - m)  # Bao et al. 2022 Thm 1 (sigma-frame form)
     lower, upper = variance_bounds(sigmas, moments.data_range)
@@ -172,7 +170,7 @@ def estimate_moments(denoiser, data, sigmas: torch.Tensor, *, num_samples: int =
     return ScoreMoments(levels, total / num_samples, num_samples, data_range)
 
 
-def _fingerprint(denoiser: torch.nn.Module, sigmas: torch.Tensor, settings: dict) -> str:
+def fingerprint(denoiser: torch.nn.Module, sigmas: torch.Tensor, settings: dict) -> str:
     """sha256 of the denoiser's weights and buffers (names, dtypes, shapes, bytes), the grid and ``settings``."""
     digest = hashlib.sha256()
     for name, tensor in sorted(denoiser.state_dict().items()):
@@ -200,7 +198,7 @@ def cached_moments(denoiser: torch.nn.Module, data, sigmas: torch.Tensor, *, cac
     settings = {"num_samples": 1000, "seed": 0, "data_range": None, **settings}
     record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()
               if k not in ("batch_size", "device")}
-    key = _fingerprint(denoiser, sigmas, {**record, "data": data_tag})
+    key = fingerprint(denoiser, sigmas, {**record, "data": data_tag})
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{key}.json"
     if path.is_file():
         stored = json.loads(path.read_text())

@@ -150,8 +150,9 @@ def apply_smoke(cfg: DictConfig) -> dict:
 
 
 def smoke_alias(overrides: Sequence[str]) -> list[str]:
-    """``+smoke=true`` (issue 12's spelling) as ``+smoke=cpu``: Hydra parses ``true`` as a boolean, which cannot
-    name a config of the group ``configs/smoke``; every entry point passes its overrides through here."""
+    """``+smoke=true`` (the spelling experiments/presets.md uses) as ``+smoke=cpu``: Hydra parses ``true`` as a
+    boolean, which cannot name a config of the group ``configs/smoke``; every entry point passes its overrides through
+    here."""
     return ["+smoke=cpu" if o.lower() in ("+smoke=true", "smoke=true") else o for o in overrides]
 
 

@@ -8,10 +8,10 @@ from torch import nn
 from .formulations import Formulation
 from .networks.layers import LabelEmbedding
 
-__all__ = ["Denoiser", "training_draw"]
+__all__ = ["Denoiser", "training_draw", "as_batch_sigma"]
 
 
-def _as_batch_sigma(sigma, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+def as_batch_sigma(sigma, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Noise levels as a ``[B]`` tensor of ``dtype`` (accepts a number, ``[]``, ``[B]`` or ``[B, 1, ...]``)."""
     sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
     if sigma.numel() == 1:
@@ -32,7 +32,7 @@ def training_draw(formulation: Formulation, y: torch.Tensor, sigma: torch.Tensor
         sigma = formulation.sample_training_sigma((y.shape[0],), generator=generator, device=y.device)
     if noise is None:
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-    return y, _as_batch_sigma(sigma, y.shape[0], y.dtype, y.device), noise
+    return y, as_batch_sigma(sigma, y.shape[0], y.dtype, y.device), noise
 
 
 class Denoiser(nn.Module):
@@ -89,7 +89,7 @@ class Denoiser(nn.Module):
         ``[B, 1, ...]`` to broadcast against x, ``c_noise`` ``[B]``; all in x's float dtype."""
         fm = self.formulation
         with torch.autocast(x.device.type, enabled=False):
-            sigma = _as_batch_sigma(sigma, x.shape[0], x.dtype, x.device)
+            sigma = as_batch_sigma(sigma, x.shape[0], x.dtype, x.device)
             view = (-1,) + (1,) * (x.ndim - 1)
             coeffs = [c.reshape(view) for c in (sigma, fm.c_skip(sigma), fm.c_out(sigma), fm.c_in(sigma))]
             return (*coeffs, fm.c_noise(sigma))
@@ -104,7 +104,7 @@ class Denoiser(nn.Module):
         Returns:
             ``[B, C, ...]`` in float32 (float64 when x is float64).
         """
-        return self._evaluate(x, sigma, labels, cond)[0]
+        return self.forward_with_extra(x, sigma, labels, cond)[0]
 
     def forward_with_variance(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
                               **cond) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,14 +116,14 @@ class Denoiser(nn.Module):
                              "variance (Denoiser.variance_trained=False: its loss read the first C channels "
                              "only); allowed: a model trained with objective=hybrid or vlb, or a released one "
                              "with learn_sigma")
-        D, extra = self._evaluate(x, sigma, labels, cond)
+        D, extra = self.forward_with_extra(x, sigma, labels, cond)
         if extra.shape[1] != x.shape[1]:
             raise ValueError(f"variance='learned': the backbone gives {x.shape[1] + extra.shape[1]} channels for "
                              f"{x.shape[1]}-channel data; allowed: 2 x {x.shape[1]} (prediction and variance, "
                              f"network.out_channels={2 * x.shape[1]})")
         return D, extra.to(D.dtype)
 
-    def _evaluate(self, x: torch.Tensor, sigma, labels, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_extra(self, x: torch.Tensor, sigma, labels, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D, extra)``: the denoised estimate and the backbone's channels beyond the first C (maybe none)."""
         dtype = torch.float64 if x.dtype == torch.float64 and not self.float32_preconditioning else torch.float32
         x = x.to(dtype)

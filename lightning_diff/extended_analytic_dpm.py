@@ -9,7 +9,7 @@ covariance minimises the KL to the forward chain's reverse (their Thm 1, with an
     var(x_n) = lambda_n^2 + coef_x0^2 sigma^2 E[(eps - eps_hat(x_n))^2 | x_n]        (elementwise)
 
 with ``lambda_n^2 = beta~_n`` (DDPM's posterior variance) and ``coef_x0 = sqrt(abar_{n-1}) beta_n / (1 - abar_n)`` the
-weight of x0_hat in the mean (VP frame of x_{n-1}; ``analytic_dpm._step_coefficients``): the mean's error
+weight of x0_hat in the mean (VP frame of x_{n-1}; ``analytic_dpm.step_coefficients``): the mean's error
 ``coef_x0 (x0_hat - y) = coef_x0 sigma (eps_hat - eps)`` adds its conditional second moment to beta~. Two heads
 estimate the conditional expectation, trained by regression on the network's extra C output channels:
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .analytic_dpm import _step_coefficients
+from .analytic_dpm import step_coefficients
 from .denoiser import Denoiser, training_draw
 from .objectives import Objective
 
@@ -53,7 +53,7 @@ def denoise_with_head(denoiser, x: torch.Tensor, sigma: torch.Tensor, **cond) ->
                          f"object with forward_with_moment, got {type(denoiser).__name__}; allowed: a model trained "
                          "with objective=sn_dpm or npr_dpm")
     labels = cond.pop("labels", None)
-    D, head = denoiser._evaluate(x, sigma, labels, cond)
+    D, head = denoiser.forward_with_extra(x, sigma, labels, cond)
     if head.shape[1] != x.shape[1]:
         raise ValueError(f"variance=sn/npr: the backbone gives {x.shape[1] + head.shape[1]} channels for "
                          f"{x.shape[1]}-channel data; allowed: 2 x {x.shape[1]} (prediction and second-moment head, "
@@ -67,7 +67,7 @@ def step_variance(kind: str, sigma: float, sigma_next: float, x: torch.Tensor, D
     ``sigma -> sigma_next > 0`` from the sigma-frame ``x``, the model's ``D`` and its head (``kind``: ``sn`` the
     squared noise, ``npr`` the noise prediction residual). ``[B, ...]`` in x's dtype."""
     _check_kind(kind, "variance")
-    posterior, coef2 = (float(v) for v in _step_coefficients(torch.tensor([sigma, sigma_next], dtype=torch.float64)))
+    posterior, coef2 = (float(v) for v in step_coefficients(torch.tensor([sigma, sigma_next], dtype=torch.float64)))
     eps_hat = (x - D) / sigma
     residual = head if kind == "npr" else head - eps_hat**2  # E[(eps - eps_hat)^2 | x] (module docstring)
     return posterior + coef2 * sigma**2 * residual.clamp(min=0)

@@ -16,6 +16,7 @@ from scipy.integrate import solve_ivp
 from . import analytic_dpm
 from .data.transforms import DataTransform, dequantize
 from .denoiser import Denoiser
+from .formulations.posterior import DDPMPosterior, ddpm_posterior
 from .sampling.schedules import SPACINGS, ddpm_timesteps
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "ode_bits_per_dim",
     "vlb_bits_per_dim",
     "posterior_chain",
+    "normal_kl",
+    "discretized_gaussian_log_likelihood",
     "vlb_sigmas",
     "DIVERGENCES",
     "PROBES",
@@ -231,14 +234,14 @@ def ode_bits_per_dim(
 # --- discrete VLB (Ho et al. 2020 eq. 5; Nichol & Dhariwal 2021 eqs. 4-7, 15) ------------------------------
 
 
-def _normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, nats."""
     return 0.5 * (
         -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
     )
 
 
-def _discretized_gaussian_log_likelihood(
+def discretized_gaussian_log_likelihood(
     x0, mean, log_scale, *, half_width: float, low: float, high: float
 ) -> torch.Tensor:
     """log P(bin of x0) under N(mean, e^{2 log_scale}), bins ``x0 +- half_width``, the edge bins extended
@@ -338,7 +341,8 @@ def vlb_bits_per_dim(
     timesteps, betas, abar = _chain(formulation, steps, spacing)
     betas, abar = betas.to(device), abar.to(device)
     T = betas.numel()
-    post_logvar, coef_x0, coef_xt = posterior_chain(abar)
+    post_logvar, posterior = posterior_chain(abar)
+    coef_x0, coef_xt = posterior.coef_x0, posterior.coef_xt
     large_logvar = torch.cat([post_logvar[:1], betas[1:].log()])
     if variance == "analytic":  # the steps t -> t-1, largest t first, as the sampler's grid
         chain_sigmas = torch.cat([((1 - abar) / abar).sqrt().flip(0), abar.new_zeros(1)])
@@ -371,32 +375,30 @@ def vlb_bits_per_dim(
         else:
             logvar = (large_logvar if variance == "fixed_large" else post_logvar)[t].expand_as(mean)
         if t == 0:
-            nats = -_discretized_gaussian_log_likelihood(
+            nats = -discretized_gaussian_log_likelihood(
                 x0, mean, 0.5 * logvar, half_width=half_width, low=low, high=high
             )
         else:
             true_mean = coef_x0[t] * x0 + coef_xt[t] * x_t
-            nats = _normal_kl(true_mean, post_logvar[t].expand_as(mean), mean, logvar)
+            nats = normal_kl(true_mean, post_logvar[t].expand_as(mean), mean, logvar)
         terms[t] = nats.flatten(1).sum(1) / (d * math.log(2))
     mean_T = abar[-1].sqrt() * x0
-    prior = _normal_kl(
+    prior = normal_kl(
         mean_T, torch.log(1 - abar[-1]).expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)
     )
     prior_bpd = prior.flatten(1).sum(1) / (d * math.log(2))
     return terms.sum(0) + prior_bpd, {"prior_bpd": prior_bpd, "terms_bpd": terms, "nfe": T, "timesteps": timesteps}
 
 
-def posterior_chain(abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The posterior ``q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, e^logvar)`` of the chain with
-    cumulative products ``abar [K]`` (increasing t, float64; ``beta_t = 1 - abar_t / abar_{t-1}``, abar_{-1} = 1:
-    a strided chain's re-derived betas), Ho et al. 2020 eq. 6-7. Returns ``(logvar, coef_x0, coef_xt)`` ``[K]``,
+def posterior_chain(abar: torch.Tensor) -> tuple[torch.Tensor, DDPMPosterior]:
+    """The posterior ``q(x_{t-1} | x_t, x_0)`` of every step of the chain with cumulative products ``abar [K]``
+    (increasing t, float64; abar_{-1} = 1, so a strided chain's betas are re-derived), Ho et al. 2020 eq. 6-7
+    (``formulations.posterior.ddpm_posterior``). Returns ``(logvar, posterior)``, each entry ``[K]``:
     ``logvar = log beta~_t`` clipped at t = 0 to ``log beta~_1`` (beta~_0 = 0; iDDPM's
     ``posterior_log_variance_clipped``, also the lower end of its learned range, eq. 15)."""
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    betas = 1 - abar / abar_prev
-    post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t (Ho et al. eq. 7)
-    logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
-    return logvar, betas * abar_prev.sqrt() / (1 - abar), (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+    posterior = ddpm_posterior(abar, torch.cat([abar.new_ones(1), abar[:-1]]))
+    logvar = torch.log(torch.cat([posterior.variance[1:2], posterior.variance[1:]]))
+    return logvar, posterior
 
 
 def vlb_sigmas(formulation, steps: int | None = None, spacing: str = "linspace") -> torch.Tensor:

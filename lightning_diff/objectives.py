@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .data.transforms import EDM_PIXELS, DataTransform
-from .denoiser import Denoiser, _as_batch_sigma, training_draw
-from .likelihood import _discretized_gaussian_log_likelihood, _normal_kl, posterior_chain
+from .denoiser import Denoiser, as_batch_sigma, training_draw
+from .likelihood import discretized_gaussian_log_likelihood, normal_kl, posterior_chain
 
 __all__ = ["Objective", "DenoisingScoreMatching", "SlicedScoreMatching", "ImplicitScoreMatching", "PROJECTIONS",
            "jacobian_trace", "projected_jacobian", "HybridLoss", "VariationalBound", "LossSecondMomentSampler"]
@@ -344,10 +344,10 @@ class _BoundObjective(Objective):
         device = self.sigmas.device
         sigmas = formulation.grid.to(torch.float64).flip(0)
         abar = 1 / (1 + sigmas**2)
-        logvar_min, coef_x0, coef_xt = posterior_chain(abar)
+        logvar_min, posterior = posterior_chain(abar)
         self.sigmas, self.logvar_min = sigmas.to(device), logvar_min.to(device)
-        self.log_beta = (1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])).log().to(device)
-        self.coef_x0, self.coef_xt = coef_x0.to(device), coef_xt.to(device)
+        self.log_beta = posterior.beta.log().to(device)
+        self.coef_x0, self.coef_xt = posterior.coef_x0.to(device), posterior.coef_xt.to(device)
         low = transform.offset
         self.bins = (low, low + transform.scale * (transform.levels - 1), transform.scale / 2)
 
@@ -361,7 +361,7 @@ class _BoundObjective(Objective):
 
     def _timesteps(self, denoiser: Denoiser, sigma: torch.Tensor) -> torch.Tensor:
         """Chain index t of noise levels ``sigma`` (the nearest grid level), long."""
-        return self.num_timesteps - 1 - denoiser.formulation._nearest_index(sigma)
+        return self.num_timesteps - 1 - denoiser.formulation.nearest_index(sigma)
 
     def _terms(self, denoiser: Denoiser, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None,
                generator, labels, cond: dict, detach_mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -387,9 +387,9 @@ class _BoundObjective(Objective):
             frac = (v.double() + 1) / 2  # eq. 15
             logvar_min = self.logvar_min[t].reshape(view)
             logvar = frac * self.log_beta[t].reshape(view) + (1 - frac) * logvar_min
-            kl = _normal_kl(coef_x0 * y64 + coef_xt * x_t, logvar_min.expand_as(mean), mean, logvar)
+            kl = normal_kl(coef_x0 * y64 + coef_xt * x_t, logvar_min.expand_as(mean), mean, logvar)
             low, high, half_width = self.bins
-            decoder = -_discretized_gaussian_log_likelihood(y64, mean, 0.5 * logvar, half_width=half_width,
+            decoder = -discretized_gaussian_log_likelihood(y64, mean, 0.5 * logvar, half_width=half_width,
                                                             low=low, high=high)
             nats = torch.where((t == 0).reshape(view), decoder, kl).flatten(1).mean(dim=1)
         return nats / math.log(2), simple, sigma
@@ -423,7 +423,7 @@ class HybridLoss(_BoundObjective):
         if sigma is None:
             t = torch.randint(0, self.num_timesteps, (y.shape[0],), generator=generator, device=y.device)
         else:
-            t = self._timesteps(denoiser, _as_batch_sigma(sigma, y.shape[0], torch.float64, y.device))
+            t = self._timesteps(denoiser, as_batch_sigma(sigma, y.shape[0], torch.float64, y.device))
         vlb, simple, sigma = self._terms(denoiser, y, t, noise, generator, labels, cond, detach_mean=True)
         return simple + (self.vlb_weight * self.num_timesteps * vlb).float(), sigma
 
@@ -461,7 +461,7 @@ class VariationalBound(_BoundObjective):
                 generator: torch.Generator | None = None, **cond) -> tuple[torch.Tensor, torch.Tensor]:
         K = self.num_timesteps
         if sigma is not None:
-            t = self._timesteps(denoiser, _as_batch_sigma(sigma, y.shape[0], torch.float64, y.device))
+            t = self._timesteps(denoiser, as_batch_sigma(sigma, y.shape[0], torch.float64, y.device))
             weight = self.timestep_sampler.weights(t) if self.importance_sampling else torch.ones_like(t).double()
         elif self.importance_sampling:
             t, weight = self.timestep_sampler.sample(y.shape[0], generator, y.device)

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from . import sampling
-from .analytic_dpm import _fingerprint
+from .analytic_dpm import fingerprint
 from .checkpoint_io import atomic_write
 from .config import CONFIG_DIR
 from .config_check import check_command
@@ -114,7 +114,7 @@ def draw_couplings(denoiser: Callable, seeds: Sequence[int], data_shape: Sequenc
               "formulation": formulation.config(), "data_shape": list(shape), "source": source,
               "data_transform": dataclasses.asdict(data_transform or DataTransform(1.0, 0.0, None))}
     if isinstance(denoiser, torch.nn.Module):
-        record["key"] = _fingerprint(denoiser, sigmas, record["sampler"])
+        record["key"] = fingerprint(denoiser, sigmas, record["sampler"])
     else:
         record["key"] = None
     return Couplings(torch.cat(noise), torch.cat(samples), torch.tensor(seeds, dtype=torch.long), record)

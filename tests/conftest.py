@@ -10,6 +10,15 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """``$LIGHTNING_DIFF_CACHE`` (converted Inception weights, reference statistics, small classifiers, downloads)
+    in a folder of this session, shared by its tests and the commands they start, never ``~/.cache/lightning_diff``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIGHTNING_DIFF_CACHE", str(tmp_path_factory.mktemp("lightning_diff_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -21,4 +21,4 @@ def test_run_all_quick_prints_every_ratio():
     table = done.stdout[done.stdout.index("| benchmark | measure"):].splitlines()[2:]
     skipped = ("torch.compile", "DDPM++")  # --compile only; the 56M network is left out of --quick
     missing = [row for row in table if "not run" in row and not any(s in row for s in skipped)]
-    assert len(table) == 13 and not missing, "\n".join(missing)
+    assert len(table) == 14 and not missing, "\n".join(missing)

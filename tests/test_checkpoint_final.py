@@ -1,4 +1,4 @@
-"""``last.ckpt`` is the run's final state (issue 21, items 1 and 2): after a run of any length, whatever
+"""``last.ckpt`` is the run's final state: after a run of any length, whatever
 ``every_n_train_steps``, and after a graceful stop by SIGINT (Ctrl-C) or SIGTERM (SLURM, before a requeue or at a
 time limit). The oracle is the uninterrupted run: resuming from that ``last.ckpt`` ends bit for bit where a run
 that was never stopped ends (weights, EMA, optimizer, schedule).

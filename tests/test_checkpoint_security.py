@@ -1,4 +1,4 @@
-"""Checkpoints load with ``weights_only=True`` (issue 9): a crafted ``.ckpt`` whose pickle would run code is
+"""Checkpoints load with ``weights_only=True``: a crafted ``.ckpt`` whose pickle would run code is
 refused with an error naming the file and the refused global, by every loader of the package (``load_module``,
 the W&B id lookup of a resume, and Lightning's own resume through ``AtomicCheckpointIO``); the checkpoints
 ``lightning_diff.train`` writes need nothing beyond torch's own allowlist."""

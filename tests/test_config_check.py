@@ -1,5 +1,5 @@
-"""Every key that reaches a command is read by its code or refused before any work, with an error naming it (issue 21,
-items 6 and 7): a '+' typo gets a did-you-mean over the keys at its level, ``sample``/``evaluate`` refuse what comes
+"""Every key that reaches a command is read by its code or refused before any work, with an error naming it:
+a '+' typo gets a did-you-mean over the keys at its level, ``sample``/``evaluate`` refuse what comes
 from the checkpoint file instead of recording it, and numeric and enum settings are refused naming the setting and
 what is allowed, never with a traceback from inside torch or Lightning."""
 

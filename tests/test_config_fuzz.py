@@ -1,7 +1,7 @@
 """Config fuzz: formulation x sampler x network (tiny sizes) x precision x step count. Every combination either
 trains one step and samples, or is refused when its objects are built (config time) with an error naming the
 setting, its value and what is allowed. And every command's numeric and enum settings with hostile values: each runs
-or is refused by the check every entry point runs first, naming the setting (issue 21, item 7)."""
+or is refused by the check every entry point runs first, naming the setting."""
 
 import copy
 import functools
@@ -83,7 +83,7 @@ def test_every_combination_exhaustively(formulation, sampler, network, precision
     run_or_refuse(formulation, sampler, network, precision, "null", tmp_path)
 
 
-# ---------------------------------------------------------------- every command's numeric and enum settings (issue 21)
+# ------------------------------------------------------------ every command's numeric and enum settings, hostile values
 # Each command's config composed once; a setting is set as `key=value` sets it (OmegaConf.update), then the check
 # every entry point runs first (lightning_diff.config_check.check_settings; train: then its run-length check, its first
 # step) either refuses it with a ValueError naming it and what is allowed, or accepts it, and then the code that reads

@@ -1,5 +1,5 @@
 """The package's import graph (read from the source with ``ast``, lazy imports inside functions included):
-no cycle, and every import points down the layers of docs/ARCHITECTURE.md ("Layering"), so nothing below
+no cycle, and every import points down the layers of docs/architecture.md ("Layering"), so nothing below
 the entry points imports an entry point."""
 
 import ast
@@ -72,7 +72,7 @@ def rank(module: str) -> int:
     for end in range(len(parts), 0, -1):
         if ".".join(parts[:end]) in LAYERS:
             return LAYERS[".".join(parts[:end])]
-    raise KeyError(f"{module} has no layer: add it to LAYERS (docs/ARCHITECTURE.md, Layering)")
+    raise KeyError(f"{module} has no layer: add it to LAYERS (docs/architecture.md, Layering)")
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -158,3 +158,12 @@ def test_the_training_loader_is_resumable_by_itself(data, tmp_path):
     assert "train_dataloader" not in vars(datamodule)  # the class's own method, not one patched on
     assert isinstance(datamodule.train_dataloader(), ResumableDataLoader)
     assert not isinstance(datamodule.val_dataloader(), ResumableDataLoader)
+
+
+def test_the_architecture_page_draws_every_layer_at_its_floor():
+    """docs/architecture.md's picture is this file's ``LAYERS``: one line ``<floor>  <room>`` per entry, no other."""
+    import re
+
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    drawn = dict((name, int(floor)) for floor, name in re.findall(r"^(\d)  ([\w.]+) +\S", page, re.MULTILINE))
+    assert drawn == LAYERS

@@ -1,4 +1,4 @@
-"""Fault drills (issue 9): nothing is lost and every failure says what happened.
+"""Fault drills: nothing is lost and every failure says what happened.
 
 - SIGKILL while a checkpoint or an evaluation record is written: the previous files stay loadable and a
   rerun finishes the job.
@@ -419,7 +419,7 @@ def test_a_missing_checkpoint_file_is_named(tmp_path):
         _run(tmp_path, 5, "~logger", f"ckpt_path={missing}")
 
 
-# --- what a failed run leaves, run length, file modes (issue 21, item 5) --------------------------------------
+# --- what a failed run leaves, run length, file modes ------------------------------------------------------
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])

@@ -317,7 +317,7 @@ def test_discrete_training_levels_are_uniform(name):
     sigma = fm.sample_training_sigma((50000,), torch.Generator().manual_seed(5)).to(f64)
     assert torch.equal(fm.round_sigma(sigma), sigma.to(f64)) or torch.allclose(fm.round_sigma(sigma), sigma, rtol=1e-6)
     K = fm.grid.numel()
-    counts = torch.bincount(fm._nearest_index(sigma), minlength=K).numpy()
+    counts = torch.bincount(fm.nearest_index(sigma), minlength=K).numpy()
     assert stats.chisquare(counts).pvalue > 1e-3
 
 

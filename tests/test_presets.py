@@ -1,4 +1,4 @@
-"""The paper presets (configs/experiment/<paper>_*.yaml, issue 12): each composes, its network has the paper's
+"""The paper presets (configs/experiment/<paper>_*.yaml): each composes, its network has the paper's
 size (counted on the meta device against the reference code where it is available, else the paper's or the
 official code's number), one optimizer step runs at tiny width (+smoke=true), the global batch is split exactly
 over the processes, and experiments/presets.md is the table its script writes from the headers.

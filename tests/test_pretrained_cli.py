@@ -163,7 +163,7 @@ def test_sample_cli_without_sampler_settings_runs_generate_py_on_vp_and_ve_pickl
 def test_fixed_class_label_and_guidance_errors(edm_cond):
     """class_label fixes every label (EDM still draws one per seed first, so the images equal generate.py's
     --class run); guidance on EDM's conditional pickles is refused: they were trained with label_dropout=0, so their
-    all-zero label (our null row) was never seen in training (issue 21, item 15)."""
+    all-zero label (our null row) was never seen in training."""
     path, net = edm_cond
     module = load_module(str(path))
     assert module.weights == "released" and module.conditional and module.num_classes == 4

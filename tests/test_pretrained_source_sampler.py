@@ -1,5 +1,5 @@
-"""Released checkpoints sample with their source's sampler unless a setting says otherwise (issue 21, item 14), and
-classifier-free guidance refuses a null label that was never trained (item 15).
+"""Released checkpoints sample with their source's sampler unless a setting says otherwise, and
+classifier-free guidance refuses a null label that was never trained.
 
 Oracles: guided-diffusion's ``space_timesteps`` (``shared/reference/guided_diffusion/respace.py``, imported), which
 both its ``image_sample.py`` and DiT's ``sample.py`` (``create_diffusion(str(num_sampling_steps))``) sample on; its
@@ -235,7 +235,7 @@ def test_dit_preset_samples_with_learned_sigma_and_guidance_1_5(tmp_path):
     assert torch.isfinite(out).all()
 
 
-# --- classifier-free guidance needs a trained null label (item 15) -----------------------------------------------
+# --- classifier-free guidance needs a trained null label ---------------------------------------------------------
 def _mlp_module(label_dropout: float) -> DiffusionModule:
     torch.manual_seed(0)
     net = MLP(dim=2, hidden=16, depth=1, emb_channels=8, num_classes=3, label_dropout=label_dropout)

@@ -1,4 +1,4 @@
-"""Resuming checks that the checkpoint belongs to the same experiment (issue 21, item 3); ``init_from=`` starts a
+"""Resuming checks that the checkpoint belongs to the same experiment; ``init_from=`` starts a
 new run from a checkpoint's weights (raw and EMA) with a fresh optimizer at step 0.
 
 Before the check, ``formulation=edm ckpt_path=<VP checkpoint>`` ran on silently: the VP weights and Adam state went

@@ -1,4 +1,4 @@
-"""One run per folder (issue 21, item 4): a training run holds ``<run folder>/.lock``; a second run in the same
+"""One run per folder: a training run holds ``<run folder>/.lock``; a second run in the same
 ``hydra.run.dir`` refuses, naming the folder and the holder's PID, before it writes anything there; the lock of a
 killed run is taken over with a warning; only global rank 0 takes it.
 

@@ -33,13 +33,14 @@ class DiscreteFormulation(Formulation):
     discrete = True
     grid: torch.Tensor
 
-    def _nearest_index(self, sigma: torch.Tensor) -> torch.Tensor:
+    def nearest_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Index (long, shaped like ``sigma``) of the grid level nearest to each ``sigma``."""
         grid = self.grid.to(device=sigma.device, dtype=torch.float64)
         return (sigma.to(torch.float64).reshape(-1, 1) - grid).abs().argmin(dim=1).reshape(sigma.shape)
 
     def round_sigma(self, sigma):
         """Nearest grid level (EDM ``round_sigma``); 0 stays 0 so that grids can end in 0."""
-        snapped = self.grid.to(device=sigma.device, dtype=sigma.dtype)[self._nearest_index(sigma)]
+        snapped = self.grid.to(device=sigma.device, dtype=sigma.dtype)[self.nearest_index(sigma)]
         return torch.where(sigma == 0, sigma, snapped)
 
     def c_out(self, sigma):
@@ -119,7 +120,7 @@ class DDPM(VPPrediction, DiscreteFormulation):
 
     def timestep_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """0-based DDPM timestep index i of the grid level nearest to sigma (long tensor)."""
-        return self.num_timesteps - 1 - self._nearest_index(sigma)
+        return self.num_timesteps - 1 - self.nearest_index(sigma)
 
     # Variance-preserving scaling in sigma-time: s = sqrt(abar) = 1 / sqrt(1 + sigma^2).
     def s(self, t):
@@ -202,7 +203,7 @@ class IDDPM(DiscreteFormulation):
         return (1 + sigma**2).rsqrt()
 
     def c_noise(self, sigma):
-        return (self.M - 1 - self._nearest_index(sigma)).to(sigma.dtype)
+        return (self.M - 1 - self.nearest_index(sigma)).to(sigma.dtype)
 
     @property
     def max_sampling_steps(self) -> int:
@@ -249,7 +250,7 @@ class NCSN(DiscreteFormulation):
         return sigma
 
     def c_noise(self, sigma):
-        return self._nearest_index(sigma).to(sigma.dtype)
+        return self.nearest_index(sigma).to(sigma.dtype)
 
     def sampling_sigmas(self, num_steps=None, device=None):
         """The noise levels (all L by default, or ``num_steps`` of them evenly by index), then 0."""

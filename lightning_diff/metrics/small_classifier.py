@@ -1,4 +1,5 @@
-"""A small classifier trained once per dataset, as a torch-fidelity feature extractor (issue 12, section 2).
+"""A small classifier trained once per dataset, as a torch-fidelity feature extractor (the
+reproductions' sample-quality measure at small image sizes, docs/experiments.md).
 
 At 8x8 (digits) or 28x28 (MNIST, Fashion-MNIST) the Inception network of FID sees upsampled blobs; the
 reproductions measure sample quality instead by the Fréchet distance (Heusel et al. 2017, eq. 6) and KID

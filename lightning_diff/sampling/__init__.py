@@ -16,7 +16,9 @@
   wrappers'): network passes per sample of one call (see ``core``).
 - ``stats`` (a dict) receives ``nfe``, network forward passes per sample (a classifier-free-guided
   evaluation counts 2), and ``accepted``/``rejected`` for ``rk45``; ``callback`` receives
-  ``{"i", "x", "sigma", "denoised", "nfe"}`` once per step.
+  ``{"i", "x", "sigma", "denoised", "nfe"}`` once per step (``euler``/``heun`` add ``sigma_hat``, the churned level,
+  as k-diffusion's).
+- Every sampler runs under ``@torch.no_grad()``, as k-diffusion's (``core``).
 - Solver state is float64 by default (``dtype=``), as NVlabs/edm; the result has x's dtype.
 
 ``sample(name, denoiser, x, sigmas, **options)`` dispatches through ``SAMPLERS``.

@@ -40,6 +40,7 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).pow(2).mean(dim=1).sqrt()
 
 
+@torch.no_grad()
 def rk45(denoiser, x, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, first_step: float | None = None,
          safety: float = 0.9, min_factor: float = 0.2, max_factor: float = 10.0, max_steps: int = 10_000,
          generator=None, callback=None, stats=None, cond: dict | None = None,

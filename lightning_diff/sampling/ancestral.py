@@ -18,6 +18,7 @@ import math
 import torch
 
 from .. import analytic_dpm
+from ..formulations.posterior import ddpm_posterior
 from .core import Evaluator, check_choice, check_grid, round_sigma_of, to_dtype
 from .guidance import split_classifier_guidance
 from .noise import randn_like
@@ -39,6 +40,7 @@ def _denoise(evaluate: Evaluator, guidance_grad, state, sigma: float, clip_denoi
     return denoised, None if grad is None else grad.to(evaluate.dtype)
 
 
+@torch.no_grad()
 def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, generator=None, callback=None,
          stats=None, cond: dict | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) in the sigma-frame; NFE = N.
@@ -80,6 +82,7 @@ def ddim(denoiser, x, sigmas, *, eta: float = 0.0, clip_denoised: bool = False, 
     return state.to(x.dtype)
 
 
+@torch.no_grad()
 def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analytic_dpm.ScoreMoments | None = None,
          clip_denoised: bool = False, generator=None, callback=None, stats=None, cond: dict | None = None,
          dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -126,10 +129,10 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         x0, grad = _denoise(evaluate, guidance_grad, state, sigma, clip_denoised)
         evaluate.report(i, state, sigma, x0)
-        abar, abar_prev, beta, _ = _step_betas(sigma, sigma_next)
+        abar, abar_prev = _step_abar(sigma, sigma_next)
+        posterior = ddpm_posterior(abar, abar_prev)
         x_t = math.sqrt(abar) * state
-        mean = (math.sqrt(abar_prev) * beta / (1 - abar) * x0
-                + math.sqrt(abar / abar_prev) * (1 - abar_prev) / (1 - abar) * x_t)  # Ho et al. eq. 7
+        mean = posterior.coef_x0 * x0 + posterior.coef_xt * x_t  # Ho et al. eq. 7
         x_prev = mean
         if grad is not None or sigma_next > 0:  # Sigma, the step's variance (an unguided last step draws no noise)
             var = _step_variance(variance, grid, i, learned, analytic, dtype)
@@ -143,13 +146,10 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
     return state.to(x.dtype)
 
 
-def _step_betas(sigma: float, sigma_next: float) -> tuple[float, float, float, float]:
-    """``(abar_t, abar_{t-1}, beta_t, beta~_t)`` of the step ``sigma -> sigma_next`` (module docstring: abar =
-    1 / (1 + sigma^2), alpha_t = abar_t / abar_{t-1}); beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (Ho et al.
-    eq. 7) is 0 on a step to sigma = 0."""
-    abar, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-    beta = 1 - abar / abar_prev
-    return abar, abar_prev, beta, (1 - abar_prev) / (1 - abar) * beta
+def _step_abar(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """``(abar_t, abar_{t-1})`` of the step ``sigma -> sigma_next``, abar = 1 / (1 + sigma^2) (module docstring);
+    ``ddpm_posterior`` of them gives beta_t and beta~_t, which is 0 on a step to sigma = 0."""
+    return 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
 
 
 def _step_variance(variance: str, grid: list[float], i: int, learned, analytic: list[float] | None,
@@ -161,14 +161,14 @@ def _step_variance(variance: str, grid: list[float], i: int, learned, analytic: 
     take guided-diffusion's clipped posterior variance, the beta~ of the step before (improved-diffusion's
     ``posterior_log_variance_clipped``; ``fixed_large``: ``append(posterior_variance[1], betas[1:])``), or beta on a
     one-step grid, which has no step before."""
-    _, _, beta, small = _step_betas(grid[i], grid[i + 1])
+    beta, small = ddpm_posterior(*_step_abar(grid[i], grid[i + 1]))[:2]
     if variance == "fixed_small":
         return small
     if variance == "analytic":
         return analytic[i]
     if variance in ("sn", "npr"):
         return learned.variance(grid[i], grid[i + 1]).to(dtype)
-    clipped = small if small > 0 else (_step_betas(grid[i - 1], grid[i])[3] if i > 0 else beta)
+    clipped = small if small > 0 else (ddpm_posterior(*_step_abar(grid[i - 1], grid[i])).variance if i > 0 else beta)
     if variance == "fixed_large":
         return beta if small > 0 else clipped
     frac = (learned.v.to(dtype) + 1) / 2  # Nichol & Dhariwal 2021 eq. 15

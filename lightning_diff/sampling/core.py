@@ -20,6 +20,10 @@ Two optional denoiser attributes (looked up with ``getattr``; guidance wrappers 
 
 NFE (``stats["nfe"]``, callback ``"nfe"``): network forward passes per sample, the sum of ``network_passes``
 over the sampler's denoiser calls; a classifier-free-guided evaluation counts 2.
+
+Every sampler runs under ``@torch.no_grad()`` (k-diffusion's samplers do): sampling a ``Denoiser`` with trainable
+parameters builds no graph. A denoiser wrapper that needs a gradient (``ClassifierGuidance``) takes it inside
+``torch.enable_grad()``; code that trains through a sampler step must call the solver maths itself.
 """
 
 from __future__ import annotations
@@ -99,7 +103,9 @@ class Evaluator:
     ``evaluator(x, sigma)`` with ``sigma`` a float or ``[B]`` tensor calls ``denoiser(x, sigma[B], **cond)``
     and returns D in ``dtype``; it adds each call's ``network_passes`` to ``nfe`` and mirrors the count into
     ``stats["nfe"]``. ``snap(sigma)`` rounds a noise level to the network's (``round_sigma_of``).
-    ``report(i, x, sigma, denoised)`` sends ``{"i", "x", "sigma", "denoised", "nfe"}`` to the callback.
+    ``report(i, x, sigma, denoised)`` sends ``{"i", "x", "sigma", "denoised", "nfe"}`` to the callback, plus
+    ``"sigma_hat"`` (the level ``x`` and ``denoised`` are at, after EDM's churn) when given, as k-diffusion's
+    ``sample_euler``/``sample_heun``.
     """
 
     def __init__(self, denoiser: Callable, x: torch.Tensor, dtype: torch.dtype, cond: dict | None,
@@ -132,9 +138,11 @@ class Evaluator:
         """The network noise level nearest to ``sigma`` (EDM's ``round_sigma``; identity for continuous models)."""
         return float(self.round_sigma(torch.tensor([sigma], dtype=torch.float64))[0])
 
-    def report(self, i: int, x: torch.Tensor, sigma, denoised: torch.Tensor) -> None:
-        if self.callback is not None:
-            self.callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised, "nfe": self.nfe})
+    def report(self, i: int, x: torch.Tensor, sigma, denoised: torch.Tensor, sigma_hat: float | None = None) -> None:
+        if self.callback is None:
+            return
+        payload = {"i": i, "x": x, "sigma": sigma, "denoised": denoised, "nfe": self.nfe}
+        self.callback(payload if sigma_hat is None else {**payload, "sigma_hat": sigma_hat})
 
 
 def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .core import Evaluator, check_grid, to_dtype
 __all__ = ["dpmpp_2m"]
 
 
+@torch.no_grad()
 def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, cond: dict | None = None,
              dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """DPM-Solver++(2M): second-order multistep on the PF-ODE; NFE = N. The first step and the last

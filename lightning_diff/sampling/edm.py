@@ -14,10 +14,12 @@ from .noise import randn_like
 __all__ = ["euler", "heun", "ablation"]
 
 
-def _churn_loop(name: str, second_order: bool, denoiser, x, sigmas, generator, callback, stats, cond, dtype,
-                S_churn, S_tmin, S_tmax, S_noise) -> torch.Tensor:
+def _churn_loop(denoiser, x, sigmas, *, name: str, second_order: bool, generator, callback, stats,
+                cond: dict | None, dtype: torch.dtype, S_churn: float, S_tmin: float, S_tmax: float,
+                S_noise: float) -> torch.Tensor:
     """EDM Algorithm 2 (first order unless ``second_order``); churn 0 is Algorithm 1 with sigma(t)=t. The grid
-    and the churned level are snapped to the denoiser's noise levels (``core`` module docstring)."""
+    and the churned level are snapped to the denoiser's noise levels (``core`` module docstring). The callback
+    gets the grid level ``sigma`` and the churned ``sigma_hat`` (k-diffusion's payload)."""
     grid = check_grid(sigmas, x, name, denoiser)
     check_nonnegative(name, S_churn=S_churn, S_tmin=S_tmin, S_noise=S_noise)
     if not S_tmax >= S_tmin:
@@ -34,7 +36,7 @@ def _churn_loop(name: str, second_order: bool, denoiser, x, sigmas, generator, c
         if gamma > 0:
             state = state + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * randn_like(state, generator)
         denoised = evaluate(state, sigma_hat)
-        evaluate.report(i, state, sigma_hat, denoised)
+        evaluate.report(i, state, sigma, denoised, sigma_hat=sigma_hat)
         slope = (state - denoised) / sigma_hat  # line 7: d_i = (x_hat - D(x_hat; t_hat)) / t_hat
         x_next = state + (sigma_next - sigma_hat) * slope  # line 8: Euler step
         if second_order and sigma_next > 0:  # lines 9-11: trapezoidal correction unless sigma_{i+1} = 0
@@ -44,6 +46,7 @@ def _churn_loop(name: str, second_order: bool, denoiser, x, sigmas, generator, c
     return state.to(x.dtype)
 
 
+@torch.no_grad()
 def euler(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, cond: dict | None = None,
           dtype: torch.dtype = torch.float64, S_churn: float = 0.0, S_tmin: float = 0.0,
           S_tmax: float = float("inf"), S_noise: float = 1.0) -> torch.Tensor:
@@ -59,10 +62,12 @@ def euler(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, con
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    return _churn_loop("euler", False, denoiser, x, sigmas, generator, callback, stats, cond, dtype,
-                       S_churn, S_tmin, S_tmax, S_noise)
+    return _churn_loop(denoiser, x, sigmas, name="euler", second_order=False, generator=generator, callback=callback,
+                       stats=stats, cond=cond, dtype=dtype, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax,
+                       S_noise=S_noise)
 
 
+@torch.no_grad()
 def heun(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, cond: dict | None = None,
          dtype: torch.dtype = torch.float64, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float("inf"), S_noise: float = 1.0) -> torch.Tensor:
@@ -77,13 +82,15 @@ def heun(denoiser, x, sigmas, *, generator=None, callback=None, stats=None, cond
     Returns:
         ``[B, ...]`` samples at sigma = 0.
     """
-    return _churn_loop("heun", True, denoiser, x, sigmas, generator, callback, stats, cond, dtype,
-                       S_churn, S_tmin, S_tmax, S_noise)
+    return _churn_loop(denoiser, x, sigmas, name="heun", second_order=True, generator=generator, callback=callback,
+                       stats=stats, cond=cond, dtype=dtype, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax,
+                       S_noise=S_noise)
 
 
 ABLATION_SOLVERS = ("euler", "heun")
 
 
+@torch.no_grad()
 def ablation(denoiser, x, sigmas, *, formulation, solver: str = "heun", alpha: float = 1.0, generator=None,
              callback=None, stats=None, cond: dict | None = None,
              dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -36,6 +36,7 @@ def langevin_correct(evaluate: Evaluator, state: torch.Tensor, sigma: float, snr
     return state + step * score + (2 * step).sqrt() * noise
 
 
+@torch.no_grad()
 def annealed_langevin(denoiser, x, sigmas, *, step_size: float = 2e-5, steps_per_level: int = 100,
                       denoise_final: bool = True, generator=None, callback=None, stats=None,
                       cond: dict | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -59,6 +59,7 @@ def _em_step(evaluate: Evaluator, state, fm, t: float, t_next: float, noise_scal
     return X / s_next, denoised
 
 
+@torch.no_grad()
 def euler_maruyama(denoiser, x, sigmas, *, formulation=None, noise_scale: float = 1.0, generator=None,
                    callback=None, stats=None, cond: dict | None = None,
                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -89,6 +90,7 @@ def euler_maruyama(denoiser, x, sigmas, *, formulation=None, noise_scale: float 
     return state.to(x.dtype)
 
 
+@torch.no_grad()
 def pc(denoiser, x, sigmas, *, predictor: str = "reverse_diffusion", corrector_steps: int = 1,
        snr: float = 0.16, step_norm: str = "batch", formulation=None, generator=None, callback=None,
        stats=None, cond: dict | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -1,0 +1,27 @@
+"""``make bench`` fails loudly when a ratio falls more than 10% below its committed value
+(``benchmarks/committed.json``), and every committed value names a row that ``run_all.py`` prints."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+spec = importlib.util.spec_from_file_location("run_all", BENCH / "run_all.py")
+run_all = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_all)
+COMMITTED = json.loads((BENCH / "committed.json").read_text())
+
+
+def test_every_committed_ratio_is_a_row_of_the_table():
+    rows = {what for rows in run_all.ROWS.values() for what, _, _ in rows}
+    assert set(COMMITTED) - {"_about"} <= rows
+
+
+def test_a_ratio_more_than_ten_percent_worse_is_named_and_one_within_ten_percent_is_not():
+    fid, cfg = "FID throughput vs torch-fidelity calculate_metrics", "CFG run / two unguided runs (time)"
+    committed = {fid: 1.40, cfg: 1.00}
+    ok = [("metrics.py", fid, "1.27", ">= 1.5"), ("s.py", cfg, "1.11", "<= 1.05")]  # 1.27 > 0.9 x 1.40; 1.11 < 1/0.9
+    bad = [("metrics.py", fid, "1.25", ">= 1.5"), ("s.py", cfg, "1.12", "<= 1.05"), ("x.py", "other", "0.1", ">= 1")]
+    assert run_all.regressions(ok, committed) == []
+    assert [line.split(":")[0] for line in run_all.regressions(bad, committed)] == [fid, cfg]
+    assert run_all.regressions([("metrics.py", fid, "not run", ">= 1.5")], committed) == []
