@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["COMMANDS", "usage", "main"]
 
@@ -48,15 +49,59 @@ def config_name(command: str) -> str:
     return CONFIG_NAMES.get(command, command)
 
 
-def show_help(command: str) -> None:
-    """Print the command's Hydra help (``--help``: its ``hydra.help`` template; ``--hydra-help``: Hydra's own) with
-    the overrides in ``sys.argv``, through the same ``hydra.main`` as the command but with no task: the command's
-    module (and so torch) is never imported."""
+def show_help(command: str, args: Sequence[str]) -> None:
+    """Print the command's help with the overrides ``args`` without importing torch or the command's module.
+
+    ``--help``: the command's ``hydra.help`` template, resolved against one composition of its config (``help_text``);
+    ``--hydra-help`` and Hydra's own flags (``--cfg``, ``--config-dir``, ...): Hydra's path, through the same
+    ``hydra.main`` as the command but with no task."""
+    from hydra.errors import HydraException
+
+    overrides = [arg for arg in args if arg not in ("-h", "--help")]
+    try:
+        text = None if any(arg.startswith("-") for arg in overrides) else help_text(config_name(command), overrides)
+    except HydraException:  # a bad override: Hydra's path reports it in Hydra's words
+        text = None
+    if text is not None:
+        print(text)
+        return
     import hydra
 
     from .config import CONFIG_DIR
 
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name(command))(lambda cfg: None)()
+
+
+def help_text(name: str, overrides: Sequence[str]) -> str | None:
+    """The text Hydra's ``--help`` prints for ``configs/<name>.yaml`` with ``overrides``: its ``hydra.help``
+    template resolved against the composed config, ``$APP_CONFIG_GROUPS`` listed from the config folder (None for a
+    template with Hydra's other variables). Written here because Hydra composes the config once per config group
+    to list the groups (about 160 compositions, most of a second); one composition and a directory walk give the
+    same text."""
+    from string import Template
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the template's ${hydra:runtime.choices...}
+    template = cfg.hydra.help.template
+    if any(f"${key}" in template for key in ("FLAGS_HELP", "HYDRA_CONFIG_GROUPS", "CONFIG\n", "{CONFIG}")):
+        return None
+    return Template(template).substitute(APP_CONFIG_GROUPS=config_groups(Path(CONFIG_DIR)))
+
+
+def config_groups(root: Path) -> str:
+    """``group: option, option`` lines of every config group under ``root`` (Hydra's ``$APP_CONFIG_GROUPS``)."""
+    lines = []
+    for group in sorted(folder.relative_to(root).as_posix() for folder in root.rglob("*") if folder.is_dir()):
+        options = sorted(path.stem for path in (root / group).glob("*.yaml"))
+        if options and group.split("/")[0] != "hydra":
+            lines.append(f"{group}: {', '.join(options)}\n")
+    return "".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     sys.argv[1:] = smoke_alias(args)  # Hydra reads the overrides from sys.argv
     if any(flag in args for flag in HELP_FLAGS):
-        show_help(command)
+        show_help(command, sys.argv[1:])
         return
     importlib.import_module(COMMANDS[command][0]).main()
 

@@ -27,11 +27,21 @@ def test_command_help_imports_no_torch(command):
     assert run.stdout.rstrip().endswith("imported: []"), run.stdout[-300:]
 
 
-def test_fast_help_is_the_commands_own_help():
-    overrides = ["sampler=ddim", "num_samples=7", "--help"]
-    fast = subprocess.run([sys.executable, "-m", "lightning_diff.cli", "sample", *overrides], cwd=ROOT,
+@pytest.mark.parametrize(("command", "overrides", "shown"), [
+    ("sample", ["sampler=ddim", "num_samples=7"], "num_samples=7"),
+    ("train", ["formulation=vp", "trainer.max_steps=9"], "callbacks/ema: "),  # $APP_CONFIG_GROUPS: Hydra lists them
+])
+def test_fast_help_is_the_commands_own_help(command, overrides, shown):
+    """The text equals Hydra's own ``--help`` of the command's module (which composes once per config group)."""
+    fast = subprocess.run([sys.executable, "-m", "lightning_diff.cli", command, *overrides, "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    own = subprocess.run([sys.executable, "-m", "lightning_diff.sample", *overrides], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    own = subprocess.run([sys.executable, "-m", COMMANDS[command][0], *overrides, "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert fast.returncode == own.returncode == 0, fast.stderr[-2000:] + own.stderr[-2000:]
-    assert "num_samples=7" in fast.stdout and fast.stdout == own.stdout
+    assert shown in fast.stdout and overrides[-1] in fast.stdout and fast.stdout == own.stdout
+
+
+def test_a_bad_override_with_help_is_reported_by_hydra():
+    run = subprocess.run([sys.executable, "-m", "lightning_diff.cli", "leaderboard", "sampler=ddim", "--help"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Could not override 'sampler'" in run.stderr
