@@ -130,7 +130,7 @@ def _rules() -> dict[str, dict[str, Rule]]:
               "pretrained.sha256": Rule(lambda v: v is None or (isinstance(v, str)
                                                                 and re.fullmatch("[0-9a-fA-F]{64}", v) is not None),
                                         "null or 64 hexadecimal digits")}
-    trainer = {"trainer.accumulate_grad_batches": integer(1),  # max_steps, max_epochs: train.check_run_length
+    trainer = {"trainer.accumulate_grad_batches": integer(1),  # max_steps, max_epochs: check_run_length
                "trainer.check_val_every_n_epoch": integer(1, null=True),
                "trainer.log_every_n_steps": integer(0, null=True, note=" (0: no logging)"),
                "trainer.num_sanity_val_steps": integer(-1, note=" (-1: all)"),
@@ -230,9 +230,28 @@ def _validation_interval(values: Mapping) -> None:
                          "check_val_every_n_epoch an integer >= 1")
 
 
+def check_run_length(trainer: DictConfig) -> None:
+    """A run trains and ends: ``trainer.max_steps`` >= 1 optimizer steps, or -1 (no step limit) with
+    ``trainer.max_epochs`` >= 1. ``max_steps=0`` would exit 0 having trained nothing, -1 with ``max_epochs`` -1 would
+    never end and with ``max_epochs`` null would run Lightning's default of 1000 epochs; other values Lightning
+    refuses only after the data and the network are built."""
+    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if (isinstance(steps, int) and steps >= 1) or (steps == -1 and isinstance(epochs, int) and epochs >= 1):
+        return
+    raise ValueError(f"trainer.max_steps={steps} (with trainer.max_epochs={epochs}) trains nothing or never ends; "
+                     "allowed: an integer >= 1 (optimizer steps), or -1 with trainer.max_epochs >= 1 (whole epochs)")
+
+
+def _run_length(values: Mapping) -> None:
+    trainer = values.get("trainer") or {}
+    if _is_int(trainer.get("max_steps")):  # another type: the Trainer argument's type rule names it
+        check_run_length(trainer)
+
+
 TRAINER_CHECKS = (_cpu_devices, _validation_interval)
 CROSS_CHECKS = {  # config name -> checks of several settings, after the rules
-    "train": TRAINER_CHECKS, "classifier": TRAINER_CHECKS, "distill": (_distill_grid, *TRAINER_CHECKS)}
+    "train": (*TRAINER_CHECKS, _run_length), "classifier": (*TRAINER_CHECKS, _run_length),
+    "distill": (_distill_grid, *TRAINER_CHECKS)}  # distill: max_steps -1 = rounds x steps_per_round
 
 
 # ------------------------------------------------------------------------------------------------ entry point

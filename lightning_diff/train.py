@@ -21,7 +21,7 @@ from .builders import build_callbacks, build_datamodule, build_logger, build_mod
 from .callbacks import EMA
 from .callbacks.checkpoint import resolve_ckpt_path, saved_wandb_run_id
 from .config import CONFIG_DIR, apply_smoke, check_global_batch, compose, smoke_alias
-from .config_check import check_command
+from .config_check import check_command, check_run_length
 from .evaluation.records import read_record
 from .known_warnings import silence_unactionable_warnings
 from .resume_check import check_start
@@ -67,18 +67,6 @@ def _train(cfg: DictConfig) -> dict:
     if logger and hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
         result["wandb_run"] = str(Path(logger.experiment.dir).parent)
     return result
-
-
-def check_run_length(trainer: DictConfig) -> None:
-    """A run trains and ends: ``trainer.max_steps`` >= 1 optimizer steps, or -1 (no step limit) with
-    ``trainer.max_epochs`` >= 1. ``max_steps=0`` would exit 0 having trained nothing, -1 with ``max_epochs`` -1 would
-    never end and with ``max_epochs`` null would run Lightning's default of 1000 epochs; other values Lightning
-    refuses only after the data and the network are built."""
-    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
-    if (isinstance(steps, int) and steps >= 1) or (steps == -1 and isinstance(epochs, int) and epochs >= 1):
-        return
-    raise ValueError(f"trainer.max_steps={steps} (with trainer.max_epochs={epochs}) trains nothing or never ends; "
-                     "allowed: an integer >= 1 (optimizer steps), or -1 with trainer.max_epochs >= 1 (whole epochs)")
 
 
 def record_failure(error: Exception) -> None:

@@ -70,6 +70,12 @@ def test_a_non_integer_max_steps_is_refused_naming_the_setting(run, tmp_path):
         run("train", *TINY_TRAIN, "trainer.max_steps=abc", f"hydra.run.dir={tmp_path}")
 
 
+
+def test_train_classifier_refuses_a_run_that_trains_nothing(run, tmp_path):
+    """train-classifier shares train's run-length rule; trainer.max_steps=0 used to pass its type rule."""
+    with pytest.raises(ValueError, match=r"trainer\.max_steps=0 \(with trainer\.max_epochs=.*trains nothing"):
+        run("train-classifier", "trainer.max_steps=0", f"hydra.run.dir={tmp_path}")
+
 def test_accepted_edge_values_run(run, digits_ckpt, tmp_path):
     """The smallest counts and the largest seed the rules allow sample for real."""
     run("sample", f"ckpt={digits_ckpt}", "num_samples=1", "sampler=euler", "sampler.steps=1", "sampler.batch_size=1",
