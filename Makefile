@@ -12,13 +12,16 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# k-diffusion: the oracle of tests/test_samplers_known_set.py; its sampling code only (its training
+	@# requirements pin numpy < 2), so without its dependencies (torchsde, torchdiffeq are in the dev extra).
+	$(PY) -m pip install --quiet --no-deps k-diffusion==0.1.1.post1
 	@# Fashion-MNIST offline (Debian package); best effort: its tests skip without it.
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || true; }
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m lightning_diff.train experiment=edm_digits
+	$(PY) -m lightning_diff train experiment=edm_digits
 	$(PY) experiments/edm_digits/check_digits.py
 
 test: install

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from lightning_diff.cli import COMMANDS
+from lightning_diff.cli.main import COMMANDS
 
 
 def seconds(args: list[str], repeats: int) -> float:
@@ -39,7 +39,7 @@ def main() -> None:
     print("| command | lightning-diff <command> --help (s) | python -m <module> --help (s) | speed-up |")
     print("|---|---|---|---|")
     for command in commands:
-        fast = seconds(["-m", "lightning_diff.cli", command, "--help"], repeats)
+        fast = seconds(["-m", "lightning_diff", command, "--help"], repeats)
         full = seconds(["-m", COMMANDS[command][0], "--help"], repeats)
         ratios.append(full / fast)
         fasts.append(fast)

@@ -16,14 +16,14 @@ import torch
 import torch_fidelity
 
 from lightning_diff.analytic import GaussianMixture
-from lightning_diff.likelihood import ode_bits_per_dim
-from lightning_diff.metrics import (
+from lightning_diff.evaluation.likelihood import ode_bits_per_dim
+from lightning_diff.evaluation.metrics import (
     Extractors,
     compute_metrics,
     fid_helper_weights_path,
     resolve_inception_weights,
 )
-from lightning_diff.metrics.extractor import POOL3_EXTRACTOR
+from lightning_diff.evaluation.metrics.extractor import POOL3_EXTRACTOR
 
 
 class _Images(torch.utils.data.Dataset):

@@ -28,10 +28,11 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_diff import formulations
+from lightning_diff.config import CONFIG_DIR
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.module import DiffusionModule
+from lightning_diff.training.module import DiffusionModule
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "network"
+CONFIGS = Path(CONFIG_DIR) / "network"
 # preset -> data shape it runs on here (tiny presets take channels / resolution from the data)
 TINY = {"mlp": (2,), "tiny_unet": (3, 16, 16), "ddpmpp_tiny": (3, 16, 16), "ncsnpp_tiny": (3, 16, 16),
         "adm_tiny": (3, 16, 16), "dit_tiny": (3, 16, 16)}

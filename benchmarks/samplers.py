@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
-from lightning_diff.sampling import schedules
+from lightning_diff.formulations import schedules
 
 MIX = GaussianMixture([[-1.0, 0.5], [1.0, -0.5], [0.3, 1.2]], [0.3, 0.4, 0.25], [0.5, 0.3, 0.2])
 NFES = (10, 20, 35, 50, 100)

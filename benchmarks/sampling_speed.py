@@ -24,9 +24,10 @@ import torch
 
 from lightning_diff import formulations, sampling
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.module import DiffusionModule
+from lightning_diff.formulations import schedules
 from lightning_diff.networks import TinyUNet
-from lightning_diff.sampling import CFGDenoiser, schedules
+from lightning_diff.sampling import CFGDenoiser
+from lightning_diff.training.module import DiffusionModule
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's sampling grid
 

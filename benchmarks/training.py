@@ -23,8 +23,8 @@ import torch
 from lightning_diff import formulations
 from lightning_diff.callbacks import EMA, FixedDecay
 from lightning_diff.data import DigitsDataModule, Toy2DDataModule
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import MLP, TinyUNet
+from lightning_diff.training.module import DiffusionModule
 
 CASES = {  # name -> (data module, backbone); small enough for a shared CPU
     "toy2d": (lambda: Toy2DDataModule(num_samples=20_000, batch_size=256),

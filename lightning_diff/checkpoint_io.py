@@ -33,7 +33,8 @@ from lightning_fabric.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 __all__ = ["CHECKPOINT_FORMAT", "FORMAT_KEY", "AtomicCheckpointIO", "CheckpointError", "ResumableDataLoader",
-           "atomic_write", "atomic_write_all", "check_format", "check_writable", "load_checkpoint", "write_new_text"]
+           "atomic_write", "atomic_write_all", "check_format", "check_writable", "default_cache_dir", "load_checkpoint",
+           "write_new_text"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ CHECKPOINT_FORMAT = 1  # the version this code writes and reads; raise it when t
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: truncated, corrupted, asking for code, or of another format."""
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_DIFF_CACHE`` or ``~/.cache/lightning_diff``: converted weights, reference statistics, Analytic-DPM
+    moments, the small digits classifier."""
+    return Path(os.environ.get("LIGHTNING_DIFF_CACHE", Path.home() / ".cache" / "lightning_diff"))
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -156,11 +163,11 @@ def check_writable(folder: str | os.PathLike, setting: str) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
-    """The checkpoint at ``path`` (written by ``lightning_diff.train``), loaded without running any code.
+    """The checkpoint at ``path`` (written by ``lightning_diff.cli.train``), loaded without running any code.
 
     ``torch.load(weights_only=True)`` unpickles only tensors, storages, ``OrderedDict``, ``torch.Size``,
     dtypes and plain containers and scalars, which is all our checkpoints hold: ``run_config`` is a plain
-    dict, optimizer and scheduler states are dicts of tensors and numbers (``lightning_diff.optim`` stores
+    dict, optimizer and scheduler states are dicts of tensors and numbers (``lightning_diff.training.optim`` stores
     its multipliers as their attribute dicts). No class is added to that allowlist. Raises
     ``FileNotFoundError``, or ``CheckpointError`` naming the file and what is wrong: truncated or not a
     checkpoint, a record failing its CRC-32 (checked unless ``mmap``, which reads no tensor data), a
@@ -177,7 +184,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         if refused:
             raise CheckpointError(f"{path} asks for {', '.join(refused)}, which no lightning_diff checkpoint holds; "
                                   "refused, since loading it could run code. Load only files you trust, or "
-                                  "a file written by lightning_diff.train") from None
+                                  "a file written by lightning_diff.cli.train") from None
         raise CheckpointError(f"{path} is corrupted: its pickle does not load ({error})") from None
     except Exception as error:  # e.g. a damaged record when the CRC-32 check was skipped (mmap)
         raise CheckpointError(f"{path} does not load: {type(error).__name__}: {error}") from None
@@ -214,7 +221,7 @@ def check_format(checkpoint: dict, path: str | os.PathLike) -> None:
     """Raise ``CheckpointError`` unless ``checkpoint[FORMAT_KEY]`` is ``CHECKPOINT_FORMAT``."""
     version = checkpoint.get(FORMAT_KEY)
     if version is None:
-        raise CheckpointError(f"{path} has no {FORMAT_KEY}: it was not written by lightning_diff.train, or by "
+        raise CheckpointError(f"{path} has no {FORMAT_KEY}: it was not written by lightning_diff.cli.train, or by "
                               f"a version older than format {CHECKPOINT_FORMAT}; this version reads format "
                               f"{CHECKPOINT_FORMAT} only")
     if version != CHECKPOINT_FORMAT:

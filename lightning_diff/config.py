@@ -1,7 +1,8 @@
 """Where the Hydra configs live and how they are composed: a leaf module that every entry point imports.
 
-- ``CONFIG_DIR``: the ``configs/`` folder of this checkout (``train.yaml``, ``sample.yaml``, ``evaluate.yaml``
-  and their groups).
+- ``CONFIG_DIR``: the ``configs/`` folder inside the package (``train.yaml``, ``sample.yaml``, ``evaluate.yaml``
+  and their groups), installed with it; a user adds their own config folder with ``--config-dir`` or
+  ``hydra.searchpath``.
 - ``compose(overrides, config_name)``: the config ``lightning-diff <command> [overrides]`` would run, for
   tests and notebooks.
 - the resolvers ``${wandb_offline:}``, ``${run_id:}`` (6 random hex digits, one per process),
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 __all__ = ["CONFIG_DIR", "compose", "register_resolvers", "wandb_offline", "group_options", "world_size",
            "split_global_batch", "check_global_batch", "apply_smoke", "smoke_alias"]
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
 def wandb_offline() -> bool:

@@ -1,6 +1,6 @@
 """Messages from libraries that a user of lightning_diff cannot act on, silenced by message and origin.
 
-The training entry point (``lightning_diff.train.main``) calls ``silence_unactionable_warnings()`` at start-up;
+The training entry point (``lightning_diff.cli.train.main``) calls ``silence_unactionable_warnings()`` at start-up;
 importing the package changes no filter. Every other warning and message is left alone. Each entry says where
 its message comes from and why nothing can be done about it; drop an entry when its library stops sending it.
 tests/test_warnings.py checks that a short run shows none of them and no warning from lightning_diff's code.

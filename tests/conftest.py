@@ -36,8 +36,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory):
-    """A checkpoint of a 3-step EDM run on digits (tiny U-Net), written by ``lightning_diff.train``."""
-    from lightning_diff.train import train
+    """A checkpoint of a 3-step EDM run on digits (tiny U-Net), written by ``lightning_diff.cli.train``."""
+    from lightning_diff.cli.train import train
 
     out = tmp_path_factory.mktemp("digits_run")
     cfg = compose_config("train", ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",

@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from lightning_diff import analytic_dpm, formulations
+from lightning_diff import formulations
 from lightning_diff.analytic import GaussianMixture
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.likelihood import vlb_bits_per_dim
+from lightning_diff.evaluation.likelihood import vlb_bits_per_dim
 from lightning_diff.networks.mlp import MLP
-from lightning_diff.sampling import PerSampleGenerator, ddpm
+from lightning_diff.sampling import PerSampleGenerator, analytic_dpm, ddpm
 from lightning_diff.sampling.noise import initial_noise
 
 MU, S, D = 0.3, 0.5, 8  # Gaussian data N(MU, S^2 I_D)
@@ -249,8 +249,8 @@ def test_cache_is_keyed_by_weights_grid_and_samples(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_ddpm_ckpt(tmp_path_factory):
-    """A checkpoint of a 3-step ddpm run (T = 100) on digits (tiny U-Net), written by ``lightning_diff.train``."""
-    from lightning_diff.train import train
+    """A checkpoint of a 3-step ddpm run (T = 100) on digits (tiny U-Net), written by ``lightning_diff.cli.train``."""
+    from lightning_diff.cli.train import train
     from tests.helpers import compose_config
 
     out = tmp_path_factory.mktemp("digits_ddpm_run")
@@ -269,9 +269,9 @@ def test_sample_cli_and_vlb_with_analytic_variance(digits_ddpm_ckpt, tmp_path):
     import numpy as np
     from omegaconf import OmegaConf
 
-    from lightning_diff.builders import build_datamodule, load_module
+    from lightning_diff.cli.sample import main
     from lightning_diff.evaluation import split_vlb
-    from lightning_diff.sample import main
+    from lightning_diff.training.builders import build_datamodule, load_module
     from tests.helpers import compose_config
 
     cache = tmp_path / "cache"
@@ -290,7 +290,7 @@ def test_sample_cli_and_vlb_with_analytic_variance(digits_ddpm_ckpt, tmp_path):
         assert math.isfinite(values["vlb_bpd"]) and protocol["nfe"] == 4 and protocol["analytic_samples"] == 32
         assert protocol["spacing"] == "linspace" and len(list(cache.glob("*.json"))) == 2  # the 2nd call reused it
 
-    from lightning_diff.evaluate import evaluate
+    from lightning_diff.cli.evaluate import evaluate
 
     cfg = compose_config("evaluate", [f"ckpt={digits_ddpm_ckpt}", "metrics=[fid,vlb]", "metrics.vlb.steps=4",
                                       "metrics.vlb.spacing=trailing", f"metrics.cache_dir={tmp_path / 'none'}",

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from lightning_diff import formulations
-from lightning_diff.builders import build_datamodule, build_module
 from lightning_diff.data.augment import SYM6, AugmentPipe, affine_warp, rotation, scaling, translation
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import SongUNet
+from lightning_diff.training.builders import build_datamodule, build_module
+from lightning_diff.training.module import DiffusionModule
 
 from .helpers import compose_config
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from lightning_diff import train as train_module
-from lightning_diff.builders import build_callbacks
 from lightning_diff.checkpoint_io import load_checkpoint
+from lightning_diff.cli import train as train_module
+from lightning_diff.training.builders import build_callbacks
 
 from .test_resume import TINY, _assert_same_state, _run
 
@@ -36,7 +36,7 @@ def _step(path) -> int:
 def test_last_ckpt_holds_the_final_step_and_resumes_exactly(tmp_path):
     first = _run(tmp_path / "run", 12, "~logger")  # checkpoints every 5 steps (TINY): the last at 10
     assert _step(first["checkpoint"]) == 12
-    resumed = _run(tmp_path / "run", 17, "~logger", "ckpt_path=last")  # periodic save at 15, ends at 17
+    resumed = _run(tmp_path / "run", 17, "~logger", "ckpt=last")  # periodic save at 15, ends at 17
     assert _step(resumed["checkpoint"]) == 17
     reference = _run(tmp_path / "reference", 17, "~logger")
     _assert_same_state(reference["checkpoint"], resumed["checkpoint"])
@@ -46,7 +46,7 @@ def test_last_ckpt_holds_the_final_step_of_a_run_that_ends_with_its_epochs(tmp_p
     # max_steps=-1: one epoch of 16 batches (1,000 points / 64); the periodic save is at step 15
     first = _run(tmp_path / "run", -1, "~logger", "trainer.max_epochs=1")
     assert _step(first["checkpoint"]) == 16
-    resumed = _run(tmp_path / "run", -1, "~logger", "trainer.max_epochs=2", "ckpt_path=last")
+    resumed = _run(tmp_path / "run", -1, "~logger", "trainer.max_epochs=2", "ckpt=last")
     reference = _run(tmp_path / "reference", -1, "~logger", "trainer.max_epochs=2")
     assert _step(resumed["checkpoint"]) == 32
     _assert_same_state(reference["checkpoint"], resumed["checkpoint"])
@@ -76,7 +76,7 @@ def test_a_signal_during_training_saves_that_step_and_exits_with_its_status(tmp_
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert _step(last) == 7
     monkeypatch.undo()
-    resumed = _run(tmp_path / "run", 12, "~logger", "ckpt_path=last")
+    resumed = _run(tmp_path / "run", 12, "~logger", "ckpt=last")
     reference = _run(tmp_path / "reference", 12, "~logger")
     _assert_same_state(reference["checkpoint"], resumed["checkpoint"])
 
@@ -109,14 +109,14 @@ def _steps_done(marker: Path) -> int:
 @pytest.mark.slow  # a training subprocess: 11-37 s each on the 2 shared cores (measured)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_a_training_process_with_a_resumable_last_ckpt(tmp_path, signum):
-    """End to end: ``python -m lightning_diff.train`` gets the signal after step 5 or later (no periodic save)."""
+    """End to end: ``python -m lightning_diff.cli.train`` gets the signal after step 5 or later (no periodic save)."""
     (tmp_path / "marker.py").write_text(STEP_MARKER)
     out, steps = tmp_path / "run", tmp_path / "steps.txt"
     overrides = [*TINY, "logger=csv", f"hydra.run.dir={out}", "trainer.max_steps=200",
                  "callbacks.checkpoint.every_n_train_steps=1000",  # no periodic save: only the stop writes one
                  "+callbacks.marker._target_=marker.StepMarker", f"+callbacks.marker.path={steps}"]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
@@ -136,6 +136,19 @@ def test_a_signal_stops_a_training_process_with_a_resumable_last_ckpt(tmp_path, 
     assert f"at global step {stopped_at}" in (out / "train.log").read_text()
     assert "sample_grid:" not in output and "checkpoint:" not in output  # the fit-end work is skipped
     every = "callbacks.checkpoint.every_n_train_steps=1000"  # as the stopped run
-    resumed = _run(out, stopped_at + 4, "~logger", every, "ckpt_path=last")
+    resumed = _run(out, stopped_at + 4, "~logger", every, "ckpt=last")
     reference = _run(tmp_path / "reference", stopped_at + 4, "~logger", every)
     _assert_same_state(reference["checkpoint"], resumed["checkpoint"])
+
+
+def test_periodic_checkpoints_are_named_by_their_step_alone(tmp_path):
+    """The periodic checkpoints of the default callbacks are ``step<7 digits>.ckpt``: a name a Hydra override can
+    take unquoted (before: Lightning inserted the metric name, ``stepstep=0000150.ckpt``, whose '=' Hydra reads as
+    an override)."""
+    import hydra
+
+    from .helpers import compose_config
+
+    cfg = compose_config("train", ["experiment=edm_digits"], tmp_path)
+    callback = hydra.utils.instantiate(cfg.callbacks.checkpoint)
+    assert Path(callback.format_checkpoint_name({"step": 150})).name == "step0000150.ckpt"

@@ -1,20 +1,20 @@
 """Checkpoints load with ``weights_only=True``: a crafted ``.ckpt`` whose pickle would run code is
 refused with an error naming the file and the refused global, by every loader of the package (``load_module``,
 the W&B id lookup of a resume, and Lightning's own resume through ``AtomicCheckpointIO``); the checkpoints
-``lightning_diff.train`` writes need nothing beyond torch's own allowlist."""
+``lightning_diff.cli.train`` writes need nothing beyond torch's own allowlist."""
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from lightning_diff import formulations
-from lightning_diff.builders import load_module
 from lightning_diff.callbacks.checkpoint import saved_wandb_run_id
 from lightning_diff.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from lightning_diff.cli.train import compose, finish_logging, train
 from lightning_diff.data import Toy2DDataModule
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import MLP
-from lightning_diff.train import compose, finish_logging, train
+from lightning_diff.training.builders import load_module
+from lightning_diff.training.module import DiffusionModule
 
 
 class CreatesAFile:

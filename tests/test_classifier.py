@@ -1,4 +1,4 @@
-"""Noise-conditional classifiers (``lightning_diff.classifier``) and ADM's encoder half-U-Net (``DhariwalEncoder``).
+"""Noise-conditional classifiers (``methods.classifier``) and ADM's encoder half-U-Net (``DhariwalEncoder``).
 
 Oracles: the exact noisy-class posterior of a Gaussian mixture (``GaussianMixture.class_posterior``), which the
 cross-entropy is minimised by; exact classifier guidance at s = 1 on the mixture (the conditional denoiser, so
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from lightning_diff import formulations, sampling
-from lightning_diff.classifier import NoisyClassifier, classifier_from_config, load_classifier, train
+from lightning_diff.cli.train import train as train_model
+from lightning_diff.cli.train_classifier import train
 from lightning_diff.data.toy2d import ring_of_gaussians
+from lightning_diff.formulations import schedules
+from lightning_diff.methods.classifier import NoisyClassifier, classifier_from_config, load_classifier
 from lightning_diff.networks import MLP, DhariwalEncoder
-from lightning_diff.sampling import schedules
-from lightning_diff.train import train as train_model
 
 from .helpers import compose_config
 from .pretrained_fixtures import guided_diffusion_script_util
@@ -128,7 +129,7 @@ def test_classifier_network_configs_build_the_papers_sizes(option, size, classes
     diffusion's ``create_classifier`` with the model card's flags."""
     cfg = compose_config("classifier", [f"network={option}"], tmp_path)
     with torch.device("meta"):
-        from lightning_diff.classifier import build_classifier_network
+        from lightning_diff.methods.classifier import build_classifier_network
 
         network = build_classifier_network(cfg.network, (3 if card else 1, size, size), classes)
         out = network(torch.empty(2, 3 if card else 1, size, size), torch.empty(2))
@@ -147,7 +148,7 @@ def test_classifier_network_configs_build_the_papers_sizes(option, size, classes
 
 def test_mlp_classifier_config_gives_logits_and_no_label_input(tmp_path):
     cfg = compose_config("classifier", ["network=mlp_classifier", "data=toy2d"], tmp_path)
-    from lightning_diff.classifier import build_classifier_network
+    from lightning_diff.methods.classifier import build_classifier_network
 
     network = build_classifier_network(cfg.network, (2,), 8)
     assert isinstance(network, MLP) and network.num_classes == 0
@@ -204,10 +205,10 @@ def test_classifier_guidance_steers_digit_samples_to_the_asked_class(tmp_path):
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
 
-    from lightning_diff.builders import load_module
     from lightning_diff.data.digits import digits_uint8
     from lightning_diff.data.transforms import to_uint8
     from lightning_diff.evaluation import generate
+    from lightning_diff.training.builders import load_module
 
     model = train_model(compose_config("train", [*QUIET, "experiment=edm_digits", "trainer.max_steps=500",
                                                  "callbacks.sample_grid=null"], tmp_path / "model"))

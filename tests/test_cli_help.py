@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_diff.cli import COMMANDS
+from lightning_diff.cli.main import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def test_command_help_imports_no_torch(command):
 ])
 def test_fast_help_is_the_commands_own_help(command, overrides, shown):
     """The text equals Hydra's own ``--help`` of the command's module (which composes once per config group)."""
-    fast = subprocess.run([sys.executable, "-m", "lightning_diff.cli", command, *overrides, "--help"], cwd=ROOT,
+    fast = subprocess.run([sys.executable, "-m", "lightning_diff", command, *overrides, "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     own = subprocess.run([sys.executable, "-m", COMMANDS[command][0], *overrides, "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -42,6 +42,6 @@ def test_fast_help_is_the_commands_own_help(command, overrides, shown):
 
 
 def test_a_bad_override_with_help_is_reported_by_hydra():
-    run = subprocess.run([sys.executable, "-m", "lightning_diff.cli", "leaderboard", "sampler=ddim", "--help"],
+    run = subprocess.run([sys.executable, "-m", "lightning_diff", "leaderboard", "sampler=ddim", "--help"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "Could not override 'sampler'" in run.stderr

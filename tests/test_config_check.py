@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lightning_diff import cli
+from lightning_diff.cli.config_check import check_command
 from lightning_diff.config import CONFIG_DIR, compose
-from lightning_diff.config_check import check_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +99,7 @@ def checked(name: str, overrides: list[str]) -> None:
     ("sample", ["ckpt=m.pt", "+pretrained.image_size=64", "+pretrained.class_cond=true", "sampler=ddim",
                 "++sampler.options.eta=0.5", "classifier.ckpt=c.pt", "+classifier.image_size=64"]),
     ("evaluate", ["ckpt=m.pkl", "+pretrained.vae=stabilityai/sd-vae-ft-ema", "data=digits"]),
-    ("distill", ["teacher=m.pt", "+pretrained.num_heads=2"]),
+    ("distill", ["ckpt=m.pt", "+pretrained.num_heads=2"]),
 ])
 def test_documented_plus_overrides_still_pass(name, overrides):
     checked(name, overrides)
@@ -116,7 +116,7 @@ def test_documented_plus_overrides_still_pass(name, overrides):
     ("evaluate", ["ckpt=m.ckpt", "+metrics.fid.methd=x"], r"did you mean method\? allowed: method under metrics.fid"),
     ("reflow", ["ckpt=m.ckpt", "+formulation=rf"], r"the formulation of a loaded model comes from the checkpoint"),
     ("reflow", ["ckpt=m.ckpt", "+pretrained.format=edm"], r"has no setting 'pretrained.format'"),
-    ("distill", ["teacher=m.ckpt", "+objective=ssm"], r"the objective of a loaded model .* \(teacher=m.ckpt\)"),
+    ("distill", ["ckpt=m.ckpt", "+objective=ssm"], r"the objective of a loaded model .* \(ckpt=m.ckpt\)"),
 ])
 def test_unread_plus_overrides_are_refused_naming_them(name, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_diff.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lightning_diff", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -32,8 +32,8 @@ def test_unknown_command_is_named_with_the_allowed_ones():
     ("train", ["formulation=ncsn", "network=tiny_unet", "data.batch_size=128", "sampler=heun", "sampler.steps=",
                "trainer.max_steps=2000", "optimizer.lr="]),
     ("sample", ["ckpt=PATH", "num_samples=64", "sampler=default", "sampler.steps=", "sampler.batch_size=64",
-                "guidance=None", "euler_maruyama"]),
-    ("evaluate", ["ckpt=PATH", "metrics.num_images=50000", "metrics.batch_size=64", "sampler.steps=",
+                "guidance.scale=None", "euler_maruyama"]),
+    ("evaluate", ["ckpt=PATH", "metrics.num_samples=50000", "metrics.batch_size=64", "sampler.steps=",
                   "sampler.batch_size=64", "bpd, fid, is, kid, pr, vlb"]),
     ("leaderboard", ["runs=[DIR|GLOB", "out=leaderboard", "metric=fid", "direction=auto", "~leaderboard"]),
 ])

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from lightning_diff import evaluate, formulations, sample
-from lightning_diff.train import train
+from lightning_diff import formulations
+from lightning_diff.cli import evaluate, sample
+from lightning_diff.cli.train import train
 
 from .helpers import compose_config
 
@@ -36,7 +37,7 @@ def test_every_formulation_trains_samples_and_evaluates_with_default_settings(na
 
     record = evaluate.evaluate(compose_config("evaluate", [  # KID: no 2048 x 2048 matrix function to wait for
         f"ckpt={result['checkpoint']}", "metrics=[kid]", "metrics.kid.subsets=2", "metrics.kid.subset_size=3",
-        "metrics.num_images=3", "metrics.reference_num_images=8", f"metrics.cache_dir={cache_dir}",
+        "metrics.num_samples=3", "metrics.reference_num_images=8", f"metrics.cache_dir={cache_dir}",
         "progress=false", "device=cpu"]))
     assert record["protocol"]["samples"]["sampler"]["steps"] == default_steps
     assert math.isfinite(json.loads(open(record["path"]).read())["metrics"]["kid_mean"])

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from lightning_diff import formulations, sampling
-from lightning_diff.builders import build_callbacks, build_datamodule, build_module
+from lightning_diff.cli.config_check import RULES, check_settings
+from lightning_diff.cli.train import check_run_length, train
 from lightning_diff.config import CONFIG_DIR, compose
-from lightning_diff.config_check import RULES, check_settings
-from lightning_diff.module import SamplerSettings
-from lightning_diff.train import check_run_length, train
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import build_callbacks, build_datamodule, build_module
 
 from .helpers import compose_config
 
@@ -57,7 +57,8 @@ def run_or_refuse(formulation: str, sampler: str, network: str, precision: str, 
         return "refused"
     result = train(cfg)
     assert math.isfinite(result["train/loss"])
-    samples = np.load(tmp_path / "samples.npz")["samples"]
+    arrays = np.load(tmp_path / "samples.npz")  # images uint8 (image data) or samples float (points)
+    samples = arrays["images"] if "images" in arrays else arrays["samples"]
     assert samples.shape[0] == 2 and np.isfinite(samples).all()
     return "ran"
 
@@ -85,7 +86,7 @@ def test_every_combination_exhaustively(formulation, sampler, network, precision
 
 # ------------------------------------------------------------ every command's numeric and enum settings, hostile values
 # Each command's config composed once; a setting is set as `key=value` sets it (OmegaConf.update), then the check
-# every entry point runs first (lightning_diff.config_check.check_settings; train: then its run-length check, its first
+# every entry point runs first (cli.config_check.check_settings; train: then its run-length check, its first
 # step) either refuses it with a ValueError naming it and what is allowed, or accepts it, and then the code that reads
 # it runs: a Lightning Trainer is built from trainer.*, a sampler (SamplerSettings, then a real sampling call on a toy
 # denoiser) from sampler.*. The settings of the other _target_ nodes (network, formulation, optimizer, data,
@@ -93,8 +94,9 @@ def test_every_combination_exhaustively(formulation, sampler, network, precision
 # numbers go; their ranges are their constructors' to check.
 COMMAND_CONFIGS = {  # config name -> the overrides it needs to compose (required settings, every metric's options)
     "train": [], "classifier": [], "sample": ["ckpt=model.ckpt"], "reflow": ["ckpt=model.ckpt"],
-    "evaluate": ["ckpt=model.ckpt", "metrics=[fid,is,kid,pr,bpd,vlb]"], "distill": ["teacher=model.ckpt"],
-    "leaderboard": []}
+    "evaluate": ["ckpt=model.ckpt", "metrics=[fid,is,kid,pr,bpd,vlb]"], "distill": ["ckpt=model.ckpt"],
+    "leaderboard": [], "consistency": ["ckpt=model.ckpt"], "posthoc-ema": ["ckpt_dir=snapshots"],
+    "tune-steps": ["ckpt=model.ckpt"]}
 HOSTILE = [0, -1, 1, 2, 3, 0.5, 1.5, -0.5, math.nan, math.inf, 2**40, "abc", "", True, False, None]
 
 
@@ -181,7 +183,7 @@ def test_every_command_setting_has_a_rule(name):
     checked) is in config_check's rules: a new setting cannot skip the check."""
     unruled = [k for k, v, built in _leaves(OmegaConf.to_container(_composed(name))) if not built
                and isinstance(v, (bool, int, float)) and k not in RULES.get(name, {})]
-    assert not unruled, f"{name}: settings without a rule in lightning_diff.config_check.RULES: {unruled}"
+    assert not unruled, f"{name}: settings without a rule in lightning_diff.cli.config_check.RULES: {unruled}"
 
 
 @pytest.mark.slow

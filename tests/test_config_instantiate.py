@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lightning_diff import formulations
-from lightning_diff.builders import build_callbacks, build_datamodule, build_module, build_network
 from lightning_diff.config import CONFIG_DIR
 from lightning_diff.evaluation import METRIC_OPTIONS, selected_metrics, split_bits_per_dim, split_vlb
 from lightning_diff.formulations import Formulation
-from lightning_diff.module import SamplerSettings
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import build_callbacks, build_datamodule, build_module, build_network
 
 from .helpers import compose_config
 
@@ -34,6 +34,7 @@ def test_every_group_is_covered_here():
                       "launcher",
                       "recipe", "smoke",  # tests/test_presets.py
                       "objective",  # tests/test_objectives.py
+                      "callbacks/posthoc_ema",  # tests/test_posthoc_ema.py
                       "leaderboard"}  # published figures, not a group: tests/test_leaderboard.py
 
 
@@ -82,7 +83,7 @@ def _image_folder(root: Path) -> Path:
 def test_data(option, tmp_path):
     overrides = [f"data.root={_image_folder(tmp_path / 'images')}"] if option == "imagefolder" else []
     if option == "reflow_pairs":  # a pairs file of lightning-diff reflow (tests/test_reflow.py)
-        from lightning_diff import reflow
+        from lightning_diff.methods import reflow
 
         record = {"data_shape": [2], "data_transform": {"scale": 1.0, "offset": 0.0, "bits": None}}
         pairs = reflow.Couplings(torch.zeros(10, 2), torch.zeros(10, 2), torch.arange(10), record)

@@ -1,35 +1,30 @@
-"""The package's import graph (read from the source with ``ast``, lazy imports inside functions included):
-no cycle, and every import points down the layers of docs/architecture.md ("Layering"), so nothing below
-the entry points imports an entry point."""
+"""The package's import graph (read from the source with ``ast``, lazy imports inside functions included): no cycle,
+and every import points down the floors of docs/architecture.md ("Layering"), counting the package ``__init__``
+files that an import runs; a fresh interpreter that imports a module loads nothing above its floor."""
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_diff"
 
-# Rank of each module (the longest matching dotted prefix wins); a module may import its own rank or lower.
+# The intended floors (a module may import its own floor or lower; the longest matching dotted prefix wins).
 LAYERS = {
-    # the ground floor: schedules, networks, data, closed forms, and the leaf utilities
-    "formulations": 0, "networks": 0, "data": 0, "analytic": 0, "optim": 0, "checkpoint_io": 0, "config": 0,
-    "known_warnings": 0, "run_lock": 0,
-    "sampling.schedules": 0,  # sigma grids: pure functions that the formulations' default grids are made of
-    "denoiser": 1,
-    "sampling": 2, "likelihood": 2, "metrics": 2, "objectives": 2, "analytic_dpm": 2,
-    "extended_analytic_dpm": 2,
-    "pretrained.remote": 0,  # download and cache: a leaf utility (published FID statistics use it too)
-    "pretrained": 3, "module": 3,
-    "evaluation": 4, "callbacks": 4, "builders": 4, "reports": 4, "resume_check": 4,
-    "config_check": 4,  # the check every entry point runs first: reads the constants of the layers below
-    "train": 5, "sample": 5, "evaluate": 5, "leaderboard": 5, "classifier": 5,  # the entry points
-    "distillation": 5, "reflow": 5, "reproduction": 5,
-    "cli": 6,
+    # 0: pieces that know nothing of each other's use, and the leaf utilities
+    "formulations": 0, "networks": 0, "data": 0, "analytic": 0, "checkpoint_io": 0, "config": 0,
+    "known_warnings": 0, "aliases": 0, "distributed": 0,
+    "denoiser": 1,  # a network preconditioned by a formulation, and the one loss
+    "sampling": 2, "objectives": 2,  # the mathematics that needs a denoiser
+    "training": 3, "pretrained": 3,  # a denoiser trained with Lightning, or loaded from a paper's file
+    "methods": 4,  # built on a trained model: classifiers, distillation, reflow
+    "evaluation": 5, "callbacks": 5,  # metrics, likelihood, records, leaderboard; the run's callbacks
+    "cli": 6, "__main__": 6,  # the commands
 }
-# (reproduction is the entry point of the experiments/repro_*/run.py scripts: it trains through lightning_diff.train)
-ENTRY_POINTS = {"lightning_diff.train", "lightning_diff.sample", "lightning_diff.evaluate",
-                "lightning_diff.leaderboard", "lightning_diff.classifier", "lightning_diff.distillation",
-                "lightning_diff.reflow", "lightning_diff.reproduction", "lightning_diff.cli"}
+
 
 
 def _module_name(path: Path) -> str:
@@ -63,12 +58,25 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 continue
             targets |= {owner(n) for n in names if n.startswith("lightning_diff")}
-        graph[module] = targets - {None, module, "lightning_diff"}
+        targets -= {None}
+        own = set(ancestors(module))
+        for target in list(targets):  # importing a.b.c runs a/b/__init__.py first (unless `module` is inside a.b)
+            targets |= set(ancestors(target)) - own
+        graph[module] = targets - {module, "lightning_diff"}
     return graph
+
+
+def ancestors(module: str) -> list[str]:
+    """The packages above ``module`` below the root, ``a.b.c`` -> ``[a.b]`` (``lightning_diff.x.y`` ->
+    ``[lightning_diff.x]``)."""
+    parts = module.split(".")
+    return [".".join(parts[:k]) for k in range(2, len(parts))]
 
 
 def rank(module: str) -> int:
     parts = module.split(".")[1:]
+    if not parts:
+        return 0  # the package's own __init__: installs the deprecated aliases (floor 0)
     for end in range(len(parts), 0, -1):
         if ".".join(parts[:end]) in LAYERS:
             return LAYERS[".".join(parts[:end])]
@@ -99,8 +107,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_reader_sees_lazy_and_relative_imports():
     graph = import_graph()
-    assert "lightning_diff.denoiser" in graph["lightning_diff.module"]  # from .denoiser import Denoiser
-    assert "lightning_diff.sampling" in graph["lightning_diff.module"]  # `from . import sampling` in sample()
+    assert "lightning_diff.denoiser" in graph["lightning_diff.training.module"]  # from .denoiser import Denoiser
+    assert "lightning_diff.sampling" in graph["lightning_diff.training.module"]  # `from . import sampling` in sample()
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -116,14 +124,44 @@ def test_imports_point_down(module):
     assert not upward, f"{module} (layer {rank(module)}) imports {upward} from higher layers"
 
 
-def test_nothing_below_the_entry_points_imports_one():
-    offenders = {m: sorted(t & ENTRY_POINTS) for m, t in import_graph().items()
-                 if m not in ENTRY_POINTS and t & ENTRY_POINTS}
-    assert not offenders
-
-
 def test_config_is_a_leaf():
     assert import_graph()["lightning_diff.config"] == set()
+
+
+# What the interpreter really loads, which the reading above could miss (an import built at run time, a package's
+# __init__): a forked child per module imports it into a clean lightning_diff namespace and lists what is loaded.
+# The third-party libraries are imported once in the parent, so each child only runs this package's code.
+_LOADED = """
+import json, os, sys
+import hydra, numpy, omegaconf, pandas, pytorch_lightning, scipy, sklearn, timm, torch  # noqa: F401
+import torch_fidelity, torchmetrics, wandb  # noqa: F401
+found = {}
+for name in json.loads(sys.argv[1]):
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.close(read)
+        __import__(name)
+        loaded = [m for m in sys.modules if m == "lightning_diff" or m.startswith("lightning_diff.")]
+        os.write(write, json.dumps(loaded).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        found[name] = json.loads(pipe.read() or "null")
+    os.wait()
+print(json.dumps(found))
+"""
+
+
+def test_importing_a_module_loads_nothing_above_its_floor():
+    modules = sorted(m for m in import_graph() if not m.endswith("__main__"))
+    run = subprocess.run([sys.executable, "-c", _LOADED, json.dumps(modules)], capture_output=True, text=True,
+                         cwd=PACKAGE.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(loaded) == set(modules) and all(v is not None for v in loaded.values())
+    above = {m: sorted(x for x in found if x not in ("lightning_diff.aliases",) and rank(x) > rank(m))
+             for m, found in loaded.items()}
+    assert {m: x for m, x in above.items() if x} == {}
 
 
 # --- builders construct objects and pass them what they need; they patch nothing ----------------------------
@@ -144,13 +182,13 @@ def attribute_assignments(source: str) -> list[str]:
 
 def test_builders_set_no_attribute_on_what_they_build():
     assert attribute_assignments("module.data_shape, x = 1, 2\nd.f += 1\ny = 3") == ["module.data_shape", "d.f"]
-    assert attribute_assignments((PACKAGE / "builders.py").read_text()) == []
+    assert attribute_assignments((PACKAGE / "training" / "builders.py").read_text()) == []
 
 
 @pytest.mark.parametrize("data", ["digits", "toy2d"])
 def test_the_training_loader_is_resumable_by_itself(data, tmp_path):
-    from lightning_diff.builders import build_datamodule
     from lightning_diff.checkpoint_io import ResumableDataLoader
+    from lightning_diff.training.builders import build_datamodule
 
     from .helpers import compose_config
 
@@ -167,3 +205,17 @@ def test_the_architecture_page_draws_every_layer_at_its_floor():
     page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
     drawn = dict((name, int(floor)) for floor, name in re.findall(r"^(\d)  ([\w.]+) +\S", page, re.MULTILINE))
     assert drawn == LAYERS
+
+
+def test_the_readme_layout_lists_every_room_of_the_package_once():
+    """README.md's layout block: one line per room of ``lightning_diff/`` (a folder with code or configs, or a module
+    file other than ``__init__.py``), each one that exists."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("## Layout\n\n```\nlightning_diff/\n", 1)[1].split("```", 1)[0]
+    listed = re.findall(r"^  (\S+)", block, re.MULTILINE)
+    rooms = sorted(f"{p.name}/" if p.is_dir() else p.name for p in PACKAGE.iterdir()
+                   if p.name != "__pycache__" and p.name != "__init__.py" and (p.suffix == ".py" or p.is_dir()))
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == rooms

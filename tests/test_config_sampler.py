@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_diff.builders import build_callbacks, build_datamodule, build_module
 from lightning_diff.callbacks import GenerativeMetrics
+from lightning_diff.cli.train import train
 from lightning_diff.config import CONFIG_DIR
-from lightning_diff.module import SamplerSettings
-from lightning_diff.train import train
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import build_callbacks, build_datamodule, build_module
 
 from .helpers import compose_config
 

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lightning_diff import data
+from lightning_diff.config import CONFIG_DIR
 from lightning_diff.data import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -24,7 +25,7 @@ from lightning_diff.data import (
 )
 from lightning_diff.data.torchvision_sets import DEBIAN_FASHION_MNIST, read_idx_gz
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIGS = Path(CONFIG_DIR) / "data"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

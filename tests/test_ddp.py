@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from lightning_diff import formulations
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import MLP
+from lightning_diff.training.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ from pytorch_lightning.loggers import CSVLogger
 from lightning_diff import formulations
 from lightning_diff.callbacks import EMA, FixedDecay, RunState
 from lightning_diff.data.loading import PointDataset, make_loader
-from lightning_diff.module import DiffusionModule
+from lightning_diff.training.module import DiffusionModule
 from lightning_diff.networks import MLP
 
 out = sys.argv[1]
@@ -176,7 +176,7 @@ def test_one_rank_raising_ends_every_rank_with_an_error(tmp_path, rank):
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(key, None)
-    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         try:
@@ -209,7 +209,7 @@ def test_ddp_cpu_trains_a_song_unet_with_edm_augmentation(tmp_path):
            "MASTER_PORT": str(_free_port())}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(key, None)
-    run = subprocess.run([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

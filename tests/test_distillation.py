@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho 2022; lightning_diff.distillation, docs/distillation.md).
+"""Progressive distillation (Salimans & Ho 2022; lightning_diff.methods.distillation, docs/distillation.md).
 
 Oracles: (1) the target equals Algorithm 2 written in the paper's VP frame (z_t = alpha_t y + sigma_t eps), computed
 here independently in float64 with the exact Gaussian-mixture denoiser as the teacher, and equals the target solved
@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
+from lightning_diff.cli.distill import distill
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.distillation import ProgressiveDistillation, distill, distillation_target, loss_weight, round_grids
+from lightning_diff.methods.distillation import ProgressiveDistillation, distillation_target, loss_weight, round_grids
 from lightning_diff.networks import MLP
 
 from .helpers import compose_config, load_experiment, run_experiment_quick
@@ -92,7 +93,7 @@ def test_student_step_reproduces_two_teacher_ddim_steps():
     torch.manual_seed(0)
     student = Denoiser(MLP(dim=2, hidden=64, depth=2, emb_channels=32), formulations.get("vp", prediction="v"))
     module = ProgressiveDistillation(MIX, functools.partial(torch.optim.Adam, lr=5e-3), student=student, steps=4,
-                                     rounds=1, steps_per_round=400, sigmas=GRID, data_shape=(2,), quality_seeds=512)
+                                     rounds=1, steps_per_round=400, sigmas=GRID, data_shape=(2,), quality_samples=512)
     data = MIX.sample(20000, generator=torch.Generator().manual_seed(1)).float()
     _trainer(400).fit(module, DataLoader(TensorDataset(data), batch_size=512, shuffle=True))
     g = torch.Generator().manual_seed(5)
@@ -113,7 +114,7 @@ def test_rounds_halve_steps_and_each_student_starts_as_its_teacher():
     torch.manual_seed(0)
     teacher = Denoiser(MLP(dim=2, hidden=16, depth=1, emb_channels=8), formulations.get("edm"))
     module = ProgressiveDistillation(teacher, functools.partial(torch.optim.Adam, lr=1e-3), steps=8, rounds=2,
-                                     steps_per_round=2, data_shape=(2,), quality_seeds=8)
+                                     steps_per_round=2, data_shape=(2,), quality_samples=8)
     x, sigma = torch.randn(4, 2), torch.full((4,), 2.0)
     assert torch.equal(module.student(x, sigma), teacher(x, sigma))
     assert not any(p.requires_grad for p in module.teacher.parameters())
@@ -129,12 +130,12 @@ def test_rounds_halve_steps_and_each_student_starts_as_its_teacher():
 
 
 def test_cli_distils_a_train_checkpoint(digits_ckpt, tmp_path):
-    from lightning_diff.builders import load_module
-    from lightning_diff.cli import COMMANDS
+    from lightning_diff.cli.main import COMMANDS
+    from lightning_diff.training.builders import load_module
 
-    assert COMMANDS["distill"][0] == "lightning_diff.distillation"
-    cfg = compose_config("distill", [f"teacher={digits_ckpt}", "steps=4", "rounds=2", "steps_per_round=1",
-                                     "quality_seeds=4", "data.batch_size=8", "trainer=cpu", "logger=csv"], tmp_path)
+    assert COMMANDS["distill"][0] == "lightning_diff.cli.distill"
+    cfg = compose_config("distill", [f"ckpt={digits_ckpt}", "steps=4", "rounds=2", "steps_per_round=1",
+                                     "quality_samples=4", "data.batch_size=8", "trainer=cpu", "logger=csv"], tmp_path)
     result = distill(cfg)
     assert [r["steps"] for r in result["history"]] == [2, 1] and len(result["sigmas"]) == 2
     student = load_module(result["student"])
@@ -144,11 +145,14 @@ def test_cli_distils_a_train_checkpoint(digits_ckpt, tmp_path):
     torch.testing.assert_close(images, student.sample(range(3), sigmas=torch.tensor(result["sigmas"]),
                                                       sampler={"name": "ddim"}), rtol=0, atol=0)
     # evaluation records say so: the levels sampled on, not the formulation's default grid
-    from lightning_diff.module import SamplerSettings
+    from lightning_diff.sampling.settings import SamplerSettings
 
-    own = student.sampler_record(SamplerSettings(name="ddim"))
+    own = SamplerSettings(name="ddim").record(student.formulation, student.grid)
     assert own["steps"] == 1 and own["time_steps"] == {"sigmas": result["sigmas"]}
-    assert "time_steps" not in student.sampler_record(SamplerSettings(name="ddim", steps=4))
+    assert "time_steps" not in SamplerSettings(name="ddim", steps=4).record(student.formulation, student.grid)
+    # lightning-diff sample/evaluate without a sampler run the student's DDIM (before: EDM's Heun on its grid)
+    settings, _ = SamplerSettings.of_run(student.run_config, {"name": None})
+    assert settings.name == "ddim"
 
 
 def test_repro_table_puts_each_round_in_its_row():

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_diff.builders import load_module
+from lightning_diff.cli.evaluate import evaluate
+from lightning_diff.cli.train import train
 from lightning_diff.data import EDM_PIXELS, DigitsDataModule, dequantize
 from lightning_diff.data.transforms import to_uint8
-from lightning_diff.evaluate import evaluate
 from lightning_diff.evaluation import generate
-from lightning_diff.likelihood import log_likelihood
-from lightning_diff.metrics import compute_metrics, fid_helper_weights_path
-from lightning_diff.module import SamplerSettings
-from lightning_diff.train import train
+from lightning_diff.evaluation.likelihood import log_likelihood
+from lightning_diff.evaluation.metrics import compute_metrics, fid_helper_weights_path
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import load_module
 
 from .helpers import compose_config
 
@@ -36,7 +36,7 @@ def _evaluate_config(overrides):
 
 
 def _overrides(ckpt, cache_dir, *extra):
-    return [f"ckpt={ckpt}", "sampler.steps=2", "device=cpu", "progress=false", "metrics.num_images=4",
+    return [f"ckpt={ckpt}", "sampler.steps=2", "device=cpu", "progress=false", "metrics.num_samples=4",
             "metrics.reference_num_images=8", "metrics.batch_size=8", f"metrics.cache_dir={cache_dir}", *extra]
 
 
@@ -101,7 +101,7 @@ def test_vlb_refuses_a_non_ddpm_model(digits_ckpt, cache_dir):
 
 
 def test_cli_second_run_reuses_the_cached_reference(first_run, digits_ckpt, cache_dir):
-    cmd = [sys.executable, "-m", "lightning_diff.evaluate", *_overrides(digits_ckpt, cache_dir, "metrics=[fid]",
+    cmd = [sys.executable, "-m", "lightning_diff.cli.evaluate", *_overrides(digits_ckpt, cache_dir, "metrics=[fid]",
                                                                         "metrics.fid.method=eigvals", "name=cli")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_cli_second_run_reuses_the_cached_reference(first_run, digits_ckpt, cach
 
 
 def test_vlb_of_a_ddpm_model_is_the_library_bound_on_the_split(tmp_path, cache_dir):
-    from lightning_diff.likelihood import vlb_bits_per_dim
+    from lightning_diff.evaluation.likelihood import vlb_bits_per_dim
 
     cfg = compose_config("train", ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
                                    "callbacks.sample_grid=null", "data=digits", "network.model_channels=8",
@@ -132,12 +132,12 @@ def test_vlb_of_a_ddpm_model_is_the_library_bound_on_the_split(tmp_path, cache_d
 
 
 def test_kid_subset_larger_than_the_images_fails_before_any_work():
-    """A KID subset larger than metrics.num_images used to fail only after the reference statistics and all
+    """A KID subset larger than metrics.num_samples used to fail only after the reference statistics and all
     samples were computed (minutes); it is refused before ``module`` or the data are touched."""
     from lightning_diff.evaluation import sample_quality
 
-    with pytest.raises(ValueError, match=r"metrics.kid.subset_size=1000 .*metrics.num_images=256.*\[2, 256\]"):
-        sample_quality(None, None, ["fid", "kid"], num_images=256, weights="ema", sampler=None,
+    with pytest.raises(ValueError, match=r"metrics.kid.subset_size=1000 .*metrics.num_samples=256.*\[2, 256\]"):
+        sample_quality(None, None, ["fid", "kid"], num_samples=256, weights="ema", sampler=None,
                        options={"kid": {"subset_size": 1000}})
 
 

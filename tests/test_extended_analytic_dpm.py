@@ -1,4 +1,4 @@
-"""Extended-Analytic-DPM (``lightning_diff.extended_analytic_dpm``; Bao et al. ICML 2022) on Gaussian data.
+"""Extended-Analytic-DPM (``lightning_diff.sampling.analytic_dpm``; Bao et al. ICML 2022) on Gaussian data.
 
 Data ``y ~ N(MU, S^2 I)``; at ``x = y + sigma eps`` the noise given x is Gaussian:
 ``E[eps | x] = sigma (x - MU) / (S^2 + sigma^2)``, ``Var[eps | x] = S^2 / (S^2 + sigma^2)``, so the exact heads are
@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_diff import analytic_dpm, sampling
+from lightning_diff import sampling
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.extended_analytic_dpm import SecondMoment, denoise_with_head, step_variance
 from lightning_diff.formulations import EDM, VP
-from lightning_diff.module import SamplerSettings
+from lightning_diff.objectives.second_moment import SecondMoment
+from lightning_diff.sampling import analytic_dpm
+from lightning_diff.sampling.analytic_dpm import denoise_with_head, step_variance
+from lightning_diff.sampling.settings import SamplerSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from lightning_diff.metrics import fid_helper_weights_path, resolve_inception_weights
-from lightning_diff.metrics.extractor import build_extractor
+from lightning_diff.evaluation.metrics import fid_helper_weights_path, resolve_inception_weights
+from lightning_diff.evaluation.metrics.extractor import build_extractor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread
 

@@ -28,7 +28,6 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from lightning_diff import formulations
-from lightning_diff.builders import load_module
 from lightning_diff.checkpoint_io import (
     CHECKPOINT_FORMAT,
     FORMAT_KEY,
@@ -39,11 +38,12 @@ from lightning_diff.checkpoint_io import (
 )
 from lightning_diff.config import CONFIG_DIR
 from lightning_diff.data.loading import PointDataset, make_loader
+from lightning_diff.evaluation.metrics.reference import ReferenceStats, load_reference, save_reference
+from lightning_diff.evaluation.metrics.stats import FeatureStats
 from lightning_diff.evaluation.records import write_record
-from lightning_diff.metrics.reference import ReferenceStats, load_reference, save_reference
-from lightning_diff.metrics.stats import FeatureStats
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import MLP
+from lightning_diff.training.builders import load_module
+from lightning_diff.training.module import DiffusionModule
 
 from .test_resume import TINY, _assert_same_state, _run
 
@@ -97,7 +97,7 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
                  "+callbacks.stall._target_=staller.StallSave", f"+callbacks.stall.marker={marker}",
                  "+callbacks.stall.from_step=10"]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for(marker, process)
@@ -109,7 +109,7 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_checkpoint(partial)
     assert load_checkpoint(checkpoints / "last.ckpt")["global_step"] == 5  # the previous one, intact
-    resumed = _run(out, 20, "~logger", "ckpt_path=last")  # the rerun finishes the job
+    resumed = _run(out, 20, "~logger", "ckpt=last")  # the rerun finishes the job
     reference = _run(tmp_path / "reference", 20, "~logger")
     _assert_same_state(reference["checkpoint"], resumed["checkpoint"])
 
@@ -218,7 +218,7 @@ def test_resuming_from_a_truncated_checkpoint_names_it(tmp_path):
     last = Path(first["checkpoint"])
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=rf"{last} is not a complete checkpoint"):
-        _run(tmp_path / "run", 10, "~logger", "ckpt_path=last")
+        _run(tmp_path / "run", 10, "~logger", "ckpt=last")
 
 
 # --- non-finite data -----------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ class FrozenClock(datetime.datetime):
 
 
 hydra.core.utils.datetime = FrozenClock  # both runs start "in the same second"
-runpy.run_module("lightning_diff.train", run_name="__main__")
+runpy.run_module("lightning_diff.cli.train", run_name="__main__")
 '''
 
 
@@ -397,26 +397,26 @@ def test_two_runs_started_in_the_same_second_keep_their_own_outputs(tmp_path):
     assert seeds == [1, 2]  # each run's checkpoint is its own
 
 
-def test_ckpt_path_last_in_a_run_without_checkpoint_stops_and_says_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"ckpt_path=last: no last.ckpt in {tmp_path}/checkpoints\. "
-                                                r".*hydra\.run\.dir=<that run's directory> ckpt_path=last"):
-        _run(tmp_path, 5, "~logger", "ckpt_path=last")
+def test_ckpt_last_in_a_run_without_checkpoint_stops_and_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"ckpt=last: no last.ckpt in {tmp_path}/checkpoints\. "
+                                                r".*hydra\.run\.dir=<that run's directory> ckpt=last"):
+        _run(tmp_path, 5, "~logger", "ckpt=last")
 
 
-def test_ckpt_path_last_if_exists_starts_from_scratch_then_resumes(tmp_path, caplog):
-    first = _run(tmp_path, 5, "~logger", "ckpt_path=last_if_exists")  # a first start: nothing to resume
+def test_ckpt_last_if_exists_starts_from_scratch_then_resumes(tmp_path, caplog):
+    first = _run(tmp_path, 5, "~logger", "ckpt=last_if_exists")  # a first start: nothing to resume
     assert load_checkpoint(first["checkpoint"])["global_step"] == 5
     with caplog.at_level("INFO"):
-        second = _run(tmp_path, 10, "~logger", "ckpt_path=last_if_exists")  # a requeue: resumes
+        second = _run(tmp_path, 10, "~logger", "ckpt=last_if_exists")  # a requeue: resumes
     assert f"Resumed from {tmp_path}/checkpoints/last.ckpt at global step 5" in caplog.text
     assert load_checkpoint(second["checkpoint"])["global_step"] == 10
 
 
 def test_a_missing_checkpoint_file_is_named(tmp_path):
     missing = tmp_path / "nope.ckpt"
-    with pytest.raises(FileNotFoundError, match=rf"ckpt_path={missing}: no such file; allowed: a checkpoint "
+    with pytest.raises(FileNotFoundError, match=rf"ckpt={missing}: no such file; allowed: a checkpoint "
                                                 "file, last"):
-        _run(tmp_path, 5, "~logger", f"ckpt_path={missing}")
+        _run(tmp_path, 5, "~logger", f"ckpt={missing}")
 
 
 # --- what a failed run leaves, run length, file modes ------------------------------------------------------
@@ -454,7 +454,7 @@ def test_a_run_length_that_trains_nothing_or_never_ends_is_refused(tmp_path, len
 
 def _train_process(tmp_path, *overrides) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lightning_diff.train", *TINY, "~logger", *overrides], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "lightning_diff.cli.train", *TINY, "~logger", *overrides], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -486,7 +486,7 @@ def test_a_run_that_fails_keeps_its_folder_and_its_train_log_says_why(tmp_path):
     out = tmp_path / "run"
     _run(out, 5, "~logger")
     (tmp_path / "failer.py").write_text(FAILING_CALLBACK)
-    done = _train_process(tmp_path, f"hydra.run.dir={out}", "ckpt_path=last", "trainer.max_steps=10",
+    done = _train_process(tmp_path, f"hydra.run.dir={out}", "ckpt=last", "trainer.max_steps=10",
                           "+callbacks.fail._target_=failer.FailAt", "+callbacks.fail.step=7")
     assert done.returncode == 1 and "drill at step 7" in done.stderr, done.stderr[-2000:]
     log = (out / "train.log").read_text()

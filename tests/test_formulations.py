@@ -16,8 +16,8 @@ ALL = formulations.names()
 f64 = torch.float64
 
 
-def test_registry_has_all_eight():
-    assert sorted(ALL) == sorted(["edm", "vp", "subvp", "ve", "ncsn", "ddpm", "iddpm", "rf"])
+def test_registry_has_all_eight_and_the_consistency_parametrisation():
+    assert sorted(ALL) == sorted(["edm", "vp", "subvp", "ve", "ncsn", "ddpm", "iddpm", "rf", "consistency"])
 
 
 # --- EDM Table 1 and its footnotes (docs/formulations.md#constants-and-their-sources) ---------------------------------
@@ -92,6 +92,10 @@ def _closed_forms(name: str, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if name == "iddpm":
         u = formulations.get("iddpm").u  # the grid itself is pinned by test_edm_table1_constants
         return one, -sigma, 1 / (sigma**2 + 1).sqrt(), 999 - (sigma.reshape(-1, 1) - u[:1000]).abs().argmin(1).to(f64)
+    if name == "consistency":  # Song et al. 2023, Appendix C (eps = 0.002), with EDM's c_in and c_noise
+        sd, eps = 0.5, 0.002
+        return sd**2 / ((sigma - eps) ** 2 + sd**2), sd * (sigma - eps) / (sd**2 + sigma**2).sqrt(), \
+            1 / (sd**2 + sigma**2).sqrt(), sigma.log() / 4
     assert name == "rf"
     return 1 / (1 + sigma), -sigma / (1 + sigma), 1 / (1 + sigma), 999 * sigma / (1 + sigma)
 
@@ -174,6 +178,9 @@ class PaperTarget(torch.nn.Module):
             return -eps
         if self.name == "rf":
             return eps - D_star
+        if self.name == "consistency":  # Song et al. 2023, Appendix C: c_skip, c_out shifted by eps = 0.002
+            c_skip, c_out = 0.25 / ((sigma - 0.002) ** 2 + 0.25), 0.5 * (sigma - 0.002) / (sigma**2 + 0.25).sqrt()
+            return (D_star - c_skip * x) / c_out
         assert self.name == "edm"
         return (D_star - 0.25 / (sigma**2 + 0.25) * x) / (sigma * 0.5 / (sigma**2 + 0.25).sqrt())
 
@@ -244,10 +251,12 @@ def test_edm_unit_variance_input_and_target():
 # --- the loss ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ALL)
 def test_effective_weight_is_one(name):
-    """lambda(sigma) c_out(sigma)^2 = 1 (EDM Table 1 for VP/VE/iDDPM/EDM; DDPM L_simple, NCSN, RF)."""
+    """lambda(sigma) c_out(sigma)^2 = 1 (EDM Table 1 for VP/VE/iDDPM/EDM; DDPM L_simple, NCSN, RF); consistency keeps
+    EDM's lambda with Song et al.'s c_out, (sigma - 0.002)^2 / sigma^2 (0 at its boundary, where D = x)."""
     fm = formulations.get(name)
     sigma = torch.logspace(-3, 2, 40, dtype=f64)
-    torch.testing.assert_close(fm.loss_weight(sigma) * fm.c_out(sigma) ** 2, torch.ones_like(sigma))
+    expected = (1 - 0.002 / sigma) ** 2 if name == "consistency" else torch.ones_like(sigma)
+    torch.testing.assert_close(fm.loss_weight(sigma) * fm.c_out(sigma) ** 2, expected)
 
 
 class FixedOutput(torch.nn.Module):
@@ -372,7 +381,7 @@ def test_unknown_name_lists_allowed():
 @pytest.mark.parametrize(("name", "kw", "pattern"), [
     ("edm", dict(sigma_min=-1.0), r"formulation=edm: sigma_min=-1.0 is invalid"),
     ("ve", dict(sigma_min=5.0, sigma_max=1.0), r"formulation=ve: sigma_min=5.0 must be < sigma_max=1.0"),
-    ("ncsn", dict(num_levels=1), r"num_levels=1 is invalid; allowed: an integer >= 2"),
+    ("ncsn", dict(num_timesteps=1), r"num_timesteps=1 is invalid; allowed: an integer >= 2"),
     ("ddpm", dict(beta_schedule="sqrt"), r"beta_schedule='sqrt' is not known; allowed"),
     ("ddpm", dict(num_timesteps=20), r"num_timesteps=20 reaches beta=1 .*allowed: all betas < 1"),
     ("rf", dict(t_max=1.0), r"need 0 < t_min < t_max < 1"),

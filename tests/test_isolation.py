@@ -5,7 +5,7 @@ ignores third-party deprecation warnings only."""
 import warnings
 from pathlib import Path
 
-from lightning_diff.metrics.extractor import default_cache_dir
+from lightning_diff.checkpoint_io import default_cache_dir
 from lightning_diff.pretrained.remote import cache_root
 
 
@@ -26,6 +26,6 @@ def _action(module: str) -> str:
 
 
 def test_the_projects_deprecations_show_and_third_party_ones_do_not():
-    assert _action("lightning_diff.train") != "ignore"
+    assert _action("lightning_diff.cli.train") != "ignore"
     assert _action("lightning_diff.sampling.samplers") != "ignore"
     assert _action("torch.utils.data") == "ignore"

@@ -106,9 +106,9 @@ def test_decoding_is_the_vae_decoder_of_z_over_scale(vae):
 
 
 def test_dit_trains_on_latents(latents, vae, tmp_path):
-    """The DiT preset's recipe on the latents file (tiny DiT, 2 steps, lightning_diff.train): data=latents
+    """The DiT preset's recipe on the latents file (tiny DiT, 2 steps, lightning_diff.cli.train): data=latents
     data.path=...; the data module's decoder is the VAE's (data.vae=<folder>)."""
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
 
     vae.save_pretrained(tmp_path / "vae")
     cfg = compose_config("train", ["experiment=dit_xl2_imagenet256", f"data.path={latents}", "data.batch_size=4",

@@ -27,10 +27,10 @@ from torch import nn
 from lightning_diff import formulations
 from lightning_diff.data.transforms import CONTINUOUS
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.module import DiffusionModule
 from lightning_diff.objectives import HybridLoss, LossSecondMomentSampler, VariationalBound
 from lightning_diff.sampling import CFGDenoiser
 from lightning_diff.sampling.ancestral import ddpm as ddpm_sampler
+from lightning_diff.training.module import DiffusionModule
 
 from .helpers import compose_config
 
@@ -330,8 +330,8 @@ def test_bad_settings_raise():
 def test_train_with_objective_and_reload(objective, tmp_path):
     """``lightning-diff train objective=<hybrid|vlb>`` on digits trains (2 steps, a 2-channel head) and its checkpoint
     rebuilds a variance-trained Denoiser with the objective; vlb's loss history comes back with it."""
-    from lightning_diff.builders import load_module
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
+    from lightning_diff.training.builders import load_module
 
     overrides = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
                  "callbacks.sample_grid.num_samples=2", "sampler=ddpm", "sampler.steps=3",
@@ -352,9 +352,9 @@ def test_hybrid_training_tightens_the_strided_vlb(tmp_path):
     (cosine T = 1000, tiny U-Net with 2 output channels) and the learned variance gives a tighter VLB than either
     fixed variance on strided chains of 10 and 25 steps (200 validation images; measured: 4.21 vs 4.40 / 4.57 and
     4.26 vs 4.64 / 4.64 bits/dim). ~8 min on 2 busy CPU cores."""
-    from lightning_diff.builders import build_datamodule, load_module
-    from lightning_diff.likelihood import vlb_bits_per_dim
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
+    from lightning_diff.evaluation.likelihood import vlb_bits_per_dim
+    from lightning_diff.training.builders import build_datamodule, load_module
 
     overrides = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
                  "callbacks.sample_grid=null", "sampler=ddpm", "sampler.steps=10", "sampler.options.variance=learned",

@@ -14,12 +14,7 @@ from lightning_diff.analytic import GaussianMixture
 from lightning_diff.data.toy2d import ring_of_gaussians
 from lightning_diff.data.transforms import DataTransform, bpd_offset
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.likelihood import (
-    bits_per_dim,
-    log_likelihood,
-    ode_bits_per_dim,
-    vlb_bits_per_dim,
-)
+from lightning_diff.evaluation.likelihood import bits_per_dim, log_likelihood, ode_bits_per_dim, vlb_bits_per_dim
 
 MU, S = 0.3, 0.5  # Data y ~ N(MU, S^2 I).
 SIGMA_MIN, SIGMA_MAX = 0.01, 80.0

@@ -11,7 +11,7 @@ import pytest
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_diff.callbacks import EMA, BitsPerDim, GenerativeMetrics
-from lightning_diff.train import optimized_value, train
+from lightning_diff.cli.train import optimized_value, train
 
 from .helpers import compose_config
 
@@ -25,7 +25,7 @@ def test_callbacks_log_their_metrics_in_a_short_fit(tmp_path):
         "callbacks.progress=null", "++trainer.enable_progress_bar=false", "callbacks.sample_grid=null",
         "data=digits", "network.model_channels=8", "data.batch_size=16", "trainer.max_epochs=1",
         "++trainer.limit_train_batches=3", "++trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=1",
-        "callbacks.generative_metrics.every_n_epochs=1", "callbacks.generative_metrics.num_images=4",
+        "callbacks.generative_metrics.every_n_epochs=1", "callbacks.generative_metrics.num_samples=4",
         "callbacks.generative_metrics.sampler.steps=2", "callbacks.generative_metrics.reference_num_images=8",
         "callbacks.generative_metrics.batch_size=8", f"callbacks.generative_metrics.cache_dir={tmp_path / 'cache'}",
         "++callbacks.generative_metrics.options.fid.method=eigvals",

@@ -13,7 +13,7 @@ import torch_fidelity
 from torch.utils.data import TensorDataset
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-from lightning_diff.metrics import (
+from lightning_diff.evaluation.metrics import (
     Extractors,
     FeatureStats,
     cache_reference,
@@ -25,7 +25,7 @@ from lightning_diff.metrics import (
     resolve_inception_weights,
     to_uint8,
 )
-from lightning_diff.metrics.extractor import POOL3_EXTRACTOR, build_extractor
+from lightning_diff.evaluation.metrics.extractor import POOL3_EXTRACTOR, build_extractor
 
 
 def _images(n: int, seed: int, smooth: bool, size: int = 32, channels: int = 3) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_diff.metrics import (
+from lightning_diff.evaluation.metrics import (
     FeatureStats,
     all_gather_rows,
     evaluate_generator,
@@ -42,7 +42,7 @@ def _evaluate(cache_dir: str) -> dict:
         _generate,
         _reference(),
         ("fid", "kid"),
-        num_images=NUM_IMAGES,
+        num_samples=NUM_IMAGES,
         seed_sets=2,
         batch_size=4,
         inception_weights=str(fid_helper_weights_path()),

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lightning_diff import formulations
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import TinyUNet
+from lightning_diff.training.module import DiffusionModule
 
 
 def _net():

@@ -13,20 +13,28 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from lightning_diff import formulations
+from lightning_diff.config import CONFIG_DIR
 from lightning_diff.denoiser import Denoiser
 from lightning_diff.networks import DhariwalUNet, DiT, SongUNet
 from lightning_diff.networks.layers import Resample
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "network"
+CONFIGS = Path(CONFIG_DIR) / "network"
 TINY = ["ddpmpp_tiny", "ncsnpp_tiny", "adm_tiny", "dit_tiny"]
 RES, CH = 8, 3  # tiny presets run on 3 x 8 x 8 images
 
 
+PAPER_CLASSES = {"ddpmpp_cifar10": 10, "ncsnpp_cifar10": 10, "adm_imagenet64": 1000,  # the papers' class-
+                 **{f"dit_{size}": 1000 for size in ("s2", "b2", "l2", "xl2")}}  # conditional models
+
+
 def build(preset: str, **overrides) -> torch.nn.Module:
-    """Instantiate ``configs/network/<preset>.yaml``; tiny presets get data settings filled in."""
+    """Instantiate ``configs/network/<preset>.yaml``; tiny presets get data settings filled in, paper presets the
+    papers' classes (their ``num_classes: null`` is filled from the data when ``module.conditional=true``)."""
     cfg = OmegaConf.load(CONFIGS / f"{preset}.yaml")
     if preset.endswith("_tiny"):
         overrides = dict(in_channels=CH, resolution=RES, num_classes=0) | overrides
+    elif preset in PAPER_CLASSES:
+        overrides = dict(num_classes=PAPER_CLASSES[preset]) | overrides
     return hydra.utils.instantiate(cfg, **overrides)
 
 
@@ -370,7 +378,7 @@ def test_inductor_compile_matches_eager():
 
 @pytest.mark.parametrize("preset", TINY)
 def test_tiny_presets_take_their_shape_from_the_data(preset):
-    from lightning_diff.builders import build_network
+    from lightning_diff.training.builders import build_network
 
     cfg = OmegaConf.create({"network": OmegaConf.load(CONFIGS / f"{preset}.yaml")})
     net = build_network(cfg, (1, 8, 8), num_classes=10, conditional=True)

@@ -230,8 +230,8 @@ QUIET = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar
 @pytest.mark.parametrize("name,cls", [("ssm", SlicedScoreMatching), ("ism", ImplicitScoreMatching)])
 def test_train_with_objective_and_reload(name, cls, tmp_path):
     """``lightning-diff train objective=<name>`` trains (2 steps) and its checkpoint rebuilds the module with it."""
-    from lightning_diff.builders import load_module
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
+    from lightning_diff.training.builders import load_module
 
     result = train(compose_config("train", [*QUIET, f"objective={name}", "trainer.max_steps=2"], tmp_path))
     assert math.isfinite(result["train/loss"])
@@ -246,9 +246,9 @@ def test_ssm_training_learns_the_mixture(tmp_path):
     without a target is noisier than dsm (-0.49 after 1,500 steps, test_train.py): with the exact trace (ism) or
     4 Rademacher projections the same run reaches -2.66 / -2.68 after 1,500 steps, so the gap is the estimator's
     variance, not the slicing. ~6 min on 2 busy CPU cores."""
-    from lightning_diff.builders import build_datamodule, load_module
-    from lightning_diff.module import SamplerSettings
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
+    from lightning_diff.sampling.settings import SamplerSettings
+    from lightning_diff.training.builders import build_datamodule, load_module
 
     overrides = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false", "sampler.steps=2",
                  "data=toy2d", "network=mlp", "formulation=edm", "objective=ssm", "trainer.max_steps=3000",

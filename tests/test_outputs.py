@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from lightning_diff import checkpoint_io
-from lightning_diff.evaluate import evaluate
+from lightning_diff.cli.evaluate import evaluate
+from lightning_diff.cli.sample import sample
 from lightning_diff.evaluation.records import write_record
-from lightning_diff.sample import sample
 
 from .helpers import compose_config
 
@@ -93,7 +93,7 @@ def test_full_disk_keeps_the_old_pair_and_leaves_no_half_new_one(digits_ckpt, tm
     if failing == "npz":
         monkeypatch.setattr(np, "savez", _disk_full)
     else:
-        monkeypatch.setattr("lightning_diff.sample.save_image_grid", _disk_full)
+        monkeypatch.setattr("lightning_diff.callbacks.sample_grid.save_image_grid", _disk_full)
     with pytest.raises(OSError, match=rf"samples\.{failing}") as error:
         sample(_sample_config(digits_ckpt, out))
     assert error.value.errno == errno.ENOSPC
@@ -134,7 +134,7 @@ def _never(*args, **kwargs):
 def test_sample_refuses_an_unwritable_out_before_sampling(digits_ckpt, tmp_path, monkeypatch):
     """``out=`` under a regular file cannot be created (whoever runs it, root included): the error names ``out=``
     before any image. (Before: every image was sampled first, then mkdir failed.)"""
-    monkeypatch.setattr("lightning_diff.sample.generate", _never)
+    monkeypatch.setattr("lightning_diff.cli.sample.generate", _never)
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "samples"
     with pytest.raises(OSError, match=rf"out={out}: cannot write to {out}"):
@@ -142,7 +142,7 @@ def test_sample_refuses_an_unwritable_out_before_sampling(digits_ckpt, tmp_path,
 
 
 def test_sample_refuses_a_read_only_out_before_sampling(digits_ckpt, read_only_copy, monkeypatch):
-    monkeypatch.setattr("lightning_diff.sample.generate", _never)
+    monkeypatch.setattr("lightning_diff.cli.sample.generate", _never)
     out = read_only_copy(digits_ckpt).parent
     with pytest.raises(OSError, match=rf"out={out}: cannot write to {out}"):
         sample(_sample_config(digits_ckpt, out))
@@ -151,9 +151,9 @@ def test_sample_refuses_a_read_only_out_before_sampling(digits_ckpt, read_only_c
 def test_evaluate_refuses_a_read_only_record_folder_before_any_image(digits_ckpt, read_only_copy, monkeypatch):
     """The record goes beside the checkpoint: a checkpoint in a read-only folder fails before the reference
     statistics and the sampling. (Before: after all of them, in write_record.)"""
-    monkeypatch.setattr("lightning_diff.evaluate.sample_quality", _never)
+    monkeypatch.setattr("lightning_diff.cli.evaluate.sample_quality", _never)
     ckpt = read_only_copy(digits_ckpt)
-    cfg = compose_config("evaluate", [f"ckpt={ckpt}", "device=cpu", "progress=false", "metrics.num_images=4"])
+    cfg = compose_config("evaluate", [f"ckpt={ckpt}", "device=cpu", "progress=false", "metrics.num_samples=4"])
     with pytest.raises(OSError, match=rf"ckpt={ckpt} \(its eval-\*\.json goes beside it\): cannot write to "
                                       rf"{ckpt.parent}"):
         evaluate(cfg)
@@ -173,7 +173,7 @@ def test_ctrl_c_during_sample_exits_130_with_one_line(digits_ckpt, tmp_path):
     """SIGINT while sampling: exit status 130, one line saying nothing was written, no traceback, no file. The
     first progress line (stdout is a pipe, not a terminal) says when sampling has begun."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lightning_diff.sample", f"ckpt={digits_ckpt}", "num_samples=1000", "device=cpu",
+    cmd = [sys.executable, "-m", "lightning_diff.cli.sample", f"ckpt={digits_ckpt}", "num_samples=1000", "device=cpu",
            "sampler.batch_size=1", f"out={out}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -20,8 +20,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from lightning_diff.builders import build_datamodule, build_module, build_network
 from lightning_diff.config import apply_smoke, check_global_batch, split_global_batch
+from lightning_diff.training.builders import build_datamodule, build_module, build_network
 
 from .helpers import compose_config
 
@@ -186,8 +186,8 @@ def test_one_optimizer_step_at_tiny_width(preset, tmp_path):
 
 
 def test_smoke_run_of_a_preset_finishes(tmp_path):
-    """The full command: python -m lightning_diff.train experiment=edm_cifar10_cond_vp +smoke=true (SongUNet)."""
-    from lightning_diff.train import train
+    """The full command: python -m lightning_diff.cli.train experiment=edm_cifar10_cond_vp +smoke=true (SongUNet)."""
+    from lightning_diff.cli.train import train
 
     cfg = compose_config("train", ["experiment=edm_cifar10_cond_vp", "+smoke=true"], tmp_path)
     result = train(cfg)
@@ -196,7 +196,7 @@ def test_smoke_run_of_a_preset_finishes(tmp_path):
 
 def test_smoke_true_on_the_command_line():
     """Hydra reads `+smoke=true` as a boolean, which cannot name a config: the entry point rewrites it."""
-    out = subprocess.run([sys.executable, "-m", "lightning_diff.train", "experiment=ncsnv2_cifar10", "+smoke=true",
+    out = subprocess.run([sys.executable, "-m", "lightning_diff.cli.train", "experiment=ncsnv2_cifar10", "+smoke=true",
                           "--cfg", "job"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     cfg = OmegaConf.create(out)
     assert cfg.data._target_.endswith("RandomImagesDataModule") and cfg.trainer.max_steps == 2

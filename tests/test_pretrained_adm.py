@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lightning_diff import sampling
+from lightning_diff.formulations import schedules
 from lightning_diff.networks import DhariwalUNet
 from lightning_diff.pretrained import adm
-from lightning_diff.sampling import schedules
 
 from .pretrained_fixtures import guided_diffusion_script_util, write_adm_checkpoint
 

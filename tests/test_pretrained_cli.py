@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from lightning_diff import cli
-from lightning_diff.builders import load_module
+from lightning_diff.cli.evaluate import evaluate
 from lightning_diff.data.transforms import to_uint8
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.evaluate import evaluate
 from lightning_diff.evaluation import generate
+from lightning_diff.evaluation.metrics import Extractors, fid_helper_weights_path, load_published_reference
 from lightning_diff.formulations import EDM
-from lightning_diff.metrics import Extractors, fid_helper_weights_path, load_published_reference
-from lightning_diff.module import DiffusionModule
 from lightning_diff.sampling import PerSampleGenerator, initial_labels, initial_noise
+from lightning_diff.training.builders import load_module
+from lightning_diff.training.module import DiffusionModule
 from tests.helpers import compose_config
 from tests.pretrained_fixtures import perturb_, reference_or_skip, write_edm_pickle
 
@@ -213,7 +213,7 @@ def _published(path, mu, sigma, adm_layout: bool):
 
 
 def _evaluate_overrides(ckpt, cache_dir, *extra):
-    return [f"ckpt={ckpt}", "sampler.steps=2", "device=cpu", "progress=false", "metrics.num_images=4",
+    return [f"ckpt={ckpt}", "sampler.steps=2", "device=cpu", "progress=false", "metrics.num_samples=4",
             "metrics.batch_size=4", "metrics.fid.method=eigvals", f"metrics.cache_dir={cache_dir}", *extra]
 
 

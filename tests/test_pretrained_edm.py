@@ -110,9 +110,9 @@ def test_formulation_has_the_pickles_constants(tmp_path):
     EDM generate.py's sampling range [0.002, 80]; the iDDPM grid equals EDM's u (float32)."""
     expected = {
         "EDMPrecond": ("edm", dict(sigma_data=0.6, sigma_min=0.002, sigma_max=80.0)),
-        "VPPrecond": ("vp", dict(beta_d=18.0, beta_min=0.2, M=500, epsilon_t=1e-4)),
+        "VPPrecond": ("vp", dict(beta_d=18.0, beta_min=0.2, num_timesteps=500, epsilon_t=1e-4)),  # EDM's M
         "VEPrecond": ("ve", dict(sigma_min=0.01, sigma_max=50.0)),
-        "iDDPMPrecond": ("iddpm", dict(C_1=0.002, C_2=0.01, M=400)),
+        "iDDPMPrecond": ("iddpm", dict(C_1=0.002, C_2=0.01, num_timesteps=400)),
     }
     model_type, model_kwargs = ARCHS["ddpmpp"]
     for precond, (name, constants) in expected.items():

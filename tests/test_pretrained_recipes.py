@@ -69,7 +69,7 @@ def test_recipe_commands_on_64_images(build, tmp_path, monkeypatch):
     cli.main(["sample", *args, "num_samples=64", "sampler.batch_size=32", "device=cpu", f"out={tmp_path / 'out'}"])
     images = np.load(tmp_path / "out" / "samples.npz")["images"]
     assert images.shape[0] == 64 and images.dtype == np.uint8 and images.shape[1] == 3
-    cli.main(["evaluate", *args, "metrics=[fid]", "metrics.num_images=64", f"metrics.reference={reference}",
+    cli.main(["evaluate", *args, "metrics=[fid]", "metrics.num_samples=64", f"metrics.reference={reference}",
               "metrics.fid.method=eigvals", "device=cpu", "progress=false", "name=smoke"])
     record = json.loads(next(tmp_path.rglob("eval-smoke.json")).read_text())
     assert np.isfinite(record["metrics"]["fid"]) and record["protocol"]["weights"] == "released"

@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from lightning_diff import cli, sampling
-from lightning_diff.builders import build_datamodule, build_module, load_module
 from lightning_diff.config import apply_smoke
 from lightning_diff.denoiser import Denoiser
 from lightning_diff.evaluation import generate
-from lightning_diff.formulations import EDM
-from lightning_diff.metrics import compute as metrics_compute
-from lightning_diff.module import DiffusionModule
+from lightning_diff.evaluation.metrics import compute as metrics_compute
+from lightning_diff.formulations import EDM, schedules
 from lightning_diff.networks import MLP
-from lightning_diff.sampling import schedules
+from lightning_diff.sampling import SamplerSettings
+from lightning_diff.training.builders import build_datamodule, build_module, load_module
+from lightning_diff.training.module import DiffusionModule
 from tests.helpers import compose_config
 from tests.pretrained_fixtures import guided_diffusion_script_util, reference_or_skip, write_adm_checkpoint
 
@@ -126,7 +126,7 @@ class SamplerSpy:
 
 def _sample(monkeypatch, tmp_path, *args) -> dict:
     spy = SamplerSpy()
-    monkeypatch.setattr(sampling, "sample", spy)
+    monkeypatch.setattr(sampling.registry, "sample", spy)
     monkeypatch.setattr(sys, "argv", ["lightning-diff"])
     cli.main(["sample", *args, "num_samples=1", "device=cpu", f"out={tmp_path / 'out'}"])
     return spy
@@ -172,15 +172,16 @@ def test_explicit_settings_win(adm_pt, dit_pt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("asked, expected", [
-    ([], dict(name="ddpm", steps=250, spacing="respace", guidance=1.0,
+    ([], dict(name="ddpm", steps=250, spacing="respace", guidance=1.0, guidance_kind="cfg", guidance_interval=None,
               options={"variance": "learned", "clip_denoised": True})),
     (["sampler=ddim", "sampler.steps=25", "sampler.options.clip_denoised=false"],
-     dict(name="ddim", steps=25, spacing="respace", guidance=1.0, options={"eta": 0.0, "clip_denoised": False})),
+     dict(name="ddim", steps=25, spacing="respace", guidance=1.0, guidance_kind="cfg", guidance_interval=None,
+          options={"eta": 0.0, "clip_denoised": False})),
 ])
 def test_evaluate_records_the_effective_sampler(adm_pt, tmp_path, monkeypatch, asked, expected):
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(2048), sigma=np.eye(2048))
-    monkeypatch.setattr(sampling, "sample", SamplerSpy())
+    monkeypatch.setattr(sampling.registry, "sample", SamplerSpy())
     monkeypatch.setattr(metrics_compute, "frechet_distance", lambda *args: 0.0)  # the protocol, not the number
     record = _evaluate(adm_pt, reference, asked)
     assert record["protocol"]["samples"]["sampler"] == expected
@@ -188,10 +189,10 @@ def test_evaluate_records_the_effective_sampler(adm_pt, tmp_path, monkeypatch, a
 
 
 def _evaluate(path, reference, extra):
-    from lightning_diff.evaluate import evaluate
+    from lightning_diff.cli.evaluate import evaluate
 
     return evaluate(compose_config("evaluate", [
-        f"ckpt={path}", *_flags(ADM), "metrics=[fid]", "metrics.num_images=2", f"metrics.reference={reference}",
+        f"ckpt={path}", *_flags(ADM), "metrics=[fid]", "metrics.num_samples=2", f"metrics.reference={reference}",
         "device=cpu", "progress=false", "name=source", *extra]))
 
 
@@ -201,8 +202,8 @@ def test_adm_ddim_respacing_with_source_clipping_equals_guided_diffusions_ddim_s
     script_util = guided_diffusion_script_util()
     reference = write_adm_checkpoint(adm_pt.parent / "again.pt", **ADM)  # same seed: the same weights
     module = load_module(str(adm_pt), pretrained=dict(ADM, timestep_respacing="ddim10"))
-    settings, guidance = module.sampler_from_config({"name": "ddim"})
-    sigmas = module.sampling_sigmas(settings)
+    settings, guidance = SamplerSettings.of_run(module.run_config, {"name": "ddim"})
+    sigmas = settings.sigmas(module.formulation, module.grid)
     diffusion = script_util.create_gaussian_diffusion(steps=1000, learn_sigma=True, timestep_respacing="ddim10")
     assert module.formulation.timestep_index(sigmas[:-1]).tolist() == sorted(diffusion.timestep_map, reverse=True)
     gen = torch.Generator().manual_seed(2)
@@ -213,7 +214,7 @@ def test_adm_ddim_respacing_with_source_clipping_equals_guided_diffusions_ddim_s
                                for clip in (True, False))
         ours = sampling.ddim(module.denoiser, (1 + sigmas[0] ** 2).sqrt() * noise.double(), sigmas,
                              cond={"labels": labels}, **settings.call_options(module.formulation))
-    assert guidance == 1.0 and settings.options == {"clip_denoised": True}
+    assert guidance.scale == 1.0 and settings.options == {"clip_denoised": True}
     error = ((ours.float() - expected).abs().max() / expected.abs().max()).item()
     print(f"max relative error {error:.2e}; clipping moves the result by {(unclipped - expected).abs().max():.3f}")
     assert error < 1e-4, error  # measured 2.2e-5: the float32 reference, amplified where x0 meets the clip
@@ -227,8 +228,8 @@ def test_dit_preset_samples_with_learned_sigma_and_guidance_1_5(tmp_path):
     cfg = compose_config("train", ["experiment=dit_xl2_imagenet256", "+smoke=true"], tmp_path)
     assert apply_smoke(cfg)
     module = build_module(cfg, build_datamodule(cfg))
-    settings, guidance = module.sampler_from_config(None)
-    assert guidance == 1.5 and module.sampler.options == {"variance": "learned", "clip_denoised": False}
+    settings, guidance = SamplerSettings.of_run(module.run_config, None)
+    assert guidance.scale == 1.5 and module.sampler.options == {"variance": "learned", "clip_denoised": False}
     assert module.sampler.record(module.formulation)["spacing"] == "respace"
     with torch.no_grad():  # learned variance needs variance channels trained as one (objective=hybrid)
         out = module.sample([0], labels=torch.tensor([3]), guidance=guidance)

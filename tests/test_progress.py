@@ -10,13 +10,13 @@ import rich
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from rich.console import Console
 
-from lightning_diff.builders import build_datamodule, build_module, load_module
 from lightning_diff.callbacks.progress import StepProgressBar
+from lightning_diff.cli.train import train
 from lightning_diff.config import compose
 from lightning_diff.evaluation import generate
 from lightning_diff.evaluation.progress import LineProgress
-from lightning_diff.module import SamplerSettings
-from lightning_diff.train import train
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import build_datamodule, build_module, load_module
 
 # toy2d, 64 points in batches of 16: 4 batches an epoch, so 7 steps end inside the second epoch.
 TINY = ["data=toy2d", "data.num_samples=64", "data.num_val_samples=16", "data.batch_size=16", "network=mlp",

@@ -109,7 +109,7 @@ def test_ncsn_preset_levels_are_the_formulations():
     index it reads is the formulation's c_noise of that level."""
     import hydra
 
-    from lightning_diff.builders import build_network
+    from lightning_diff.training.builders import build_network
 
     from .helpers import compose_config
 

@@ -1,4 +1,4 @@
-"""Reflow (``lightning_diff.reflow``; Liu, Gong & Liu 2023) against closed forms.
+"""Reflow (``lightning_diff.methods.reflow``; Liu, Gong & Liu 2023) against closed forms.
 
 Gaussian to Gaussian: for data ``N(mu, s^2 I)`` and noise ``z ~ N(0, I)`` the exact 1-rectified flow (the ideal
 denoiser of the data) moves ``z`` along ``x_t = (1 - t) mu + sigma_t z`` with ``sigma_t = sqrt((1 - t)^2 s^2 + t^2)``
@@ -23,12 +23,15 @@ import pytorch_lightning as pl
 import torch
 from scipy.integrate import quad
 
-from lightning_diff import reflow, sampling
+from lightning_diff import sampling
 from lightning_diff.analytic import GaussianMixture
 from lightning_diff.denoiser import Denoiser
 from lightning_diff.formulations import RectifiedFlow
-from lightning_diff.module import DiffusionModule, SamplerSettings
+from lightning_diff.methods import reflow
 from lightning_diff.networks import MLP
+from lightning_diff.objectives import Reflow
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.module import DiffusionModule
 
 from .helpers import compose_config
 
@@ -99,14 +102,14 @@ def test_reflow_objective_is_the_rectified_flow_loss_on_the_coupled_noise():
     formulation = RectifiedFlow()
     denoiser = Denoiser(network, formulation)
     y, z, t = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8) * 0.9 + 0.05
-    loss, _ = reflow.Reflow()(denoiser, y, noise=z, sigma=t / (1 - t))
+    loss, _ = Reflow()(denoiser, y, noise=z, sigma=t / (1 - t))
     x_t = (1 - t[:, None]) * y + t[:, None] * z  # Liu et al. Algorithm 1: ||(X_1 - X_0) - v(X_t, t)||^2
     velocity = network(x_t, formulation.t_scale * t)
     torch.testing.assert_close(loss, ((z - y) - velocity).pow(2).mean(1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="objective=reflow.*data=reflow_pairs"):
-        reflow.Reflow()(denoiser, y)
+        Reflow()(denoiser, y)
     objective = hydra.utils.instantiate(compose_config("train", ["objective=reflow"]).objective)
-    assert type(objective) is reflow.Reflow
+    assert type(objective) is Reflow
 
 
 @pytest.mark.parametrize("name, options, match", [("ddpm", {}, "sampler=ddpm"),
@@ -152,7 +155,7 @@ def test_one_reflow_straightens_a_mixture_and_improves_one_step_samples(tmp_path
                                   formulation)
     path = reflow.save_couplings(pairs, tmp_path / "pairs.pt")
     pl.seed_everything(0)
-    module = DiffusionModule(MLP(dim=2, hidden=64, depth=2), formulation, data_shape=(2,), objective=reflow.Reflow(),
+    module = DiffusionModule(MLP(dim=2, hidden=64, depth=2), formulation, data_shape=(2,), objective=Reflow(),
                              optimizer=functools.partial(torch.optim.Adam, lr=3e-3))
     trainer = pl.Trainer(max_steps=400, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -177,8 +180,8 @@ def test_one_reflow_straightens_a_mixture_and_improves_one_step_samples(tmp_path
 
 @pytest.mark.slow  # two training runs and a subprocess: ~50 s on a loaded 2-core machine
 def test_cli_draws_pairs_and_trains_the_next_flow(tmp_path):
-    from lightning_diff.builders import load_module
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
+    from lightning_diff.training.builders import load_module
 
     common = ["logger=csv", "callbacks.progress=null", "++trainer.enable_progress_bar=false",
               "callbacks.sample_grid=null", "formulation=rf", "network=mlp", "network.hidden=16", "network.depth=1",
@@ -186,7 +189,7 @@ def test_cli_draws_pairs_and_trains_the_next_flow(tmp_path):
     first = train(compose_config("train", [*common, "data=toy2d", "data.num_samples=256",
                                            "data.num_val_samples=64"], tmp_path / "run1"))
     out = tmp_path / "pairs.pt"
-    cmd = [sys.executable, "-m", "lightning_diff.cli", "reflow", f"ckpt={first['checkpoint']}", "num_pairs=200",
+    cmd = [sys.executable, "-m", "lightning_diff", "reflow", f"ckpt={first['checkpoint']}", "num_samples=200",
            f"out={out}", "sampler=euler", "sampler.steps=8", "straightness.num_samples=50", "straightness.steps=10"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -195,4 +198,4 @@ def test_cli_draws_pairs_and_trains_the_next_flow(tmp_path):
     second = train(compose_config("train", [*common, "data=reflow_pairs", f"data.path={out}", "objective=reflow"],
                                   tmp_path / "run2"))
     assert math.isfinite(second["train/loss"])
-    assert type(load_module(second["checkpoint"]).objective) is reflow.Reflow
+    assert type(load_module(second["checkpoint"]).objective) is Reflow

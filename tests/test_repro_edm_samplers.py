@@ -9,7 +9,7 @@ import torch
 
 from lightning_diff import sampling
 from lightning_diff.formulations import EDM, VP
-from lightning_diff.module import SamplerSettings
+from lightning_diff.sampling.settings import SamplerSettings
 
 from .helpers import load_experiment, run_experiment_quick
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lightning_diff.metrics.small_classifier import SmallClassifier
+from lightning_diff.evaluation.metrics.small_classifier import SmallClassifier
 
 from .helpers import load_experiment, run_experiment_quick
 

@@ -1,4 +1,4 @@
-"""The reproductions' shared harness (``lightning_diff.reproduction``): a training run is reused only when its
+"""The reproductions' shared harness (``lightning_diff.cli.reproduction``): a training run is reused only when its
 overrides are the same, and every quality evaluation is a leaderboard record, replaced (not duplicated) on a rerun."""
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from lightning_diff.cli.reproduction import argument_parser, markdown_table, quality, trained
+from lightning_diff.evaluation.leaderboard import build, collect
 from lightning_diff.evaluation.records import read_record
-from lightning_diff.leaderboard import build, collect
-from lightning_diff.reproduction import argument_parser, markdown_table, quality, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,15 +29,15 @@ def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(
 
     module, datamodule = trained("tiny", TINY, tmp_path)
     sampler = {"name": "euler", "steps": 2}
-    first = quality(module, datamodule, sampler, num_images=8)
-    again = quality(module, datamodule, sampler, num_images=8)
+    first = quality(module, datamodule, sampler, num_samples=8)
+    again = quality(module, datamodule, sampler, num_samples=8)
     assert first == again and first["nfe"] == 2 and first["fd"] > 0
     records = sorted((tmp_path / "tiny" / "checkpoints").glob("eval-*.json"))
     assert len(records) == 1  # the rerun replaced its record
     record = read_record(records[0])
     assert record["metrics"]["fid"] == first["fd"] and record["run"]["name"] == f"{tmp_path.name}/tiny"
     assert record["protocol"]["samples"]["extractor"].startswith("small_classifier_digits")
-    quality(module, datamodule, {"name": "euler", "steps": 3}, num_images=8)
+    quality(module, datamodule, {"name": "euler", "steps": 3}, num_samples=8)
     skipped = []
     board = build(collect([str(tmp_path)], skipped)[0], "fid", skipped=skipped)
     assert [sorted(row["nfe"] for row in group.rows) for group in board.groups] == [[2, 3]] and not board.skipped

@@ -1,4 +1,4 @@
-"""Exact resume: N steps -> stop (or SIGKILL) -> ckpt_path=last -> N more equals 2N uninterrupted steps,
+"""Exact resume: N steps -> stop (or SIGKILL) -> ckpt=last -> N more equals 2N uninterrupted steps,
 bit for bit on the CPU (weights, EMA, optimizer); the W&B run continues; checkpoints are atomic. The
 comparison can fail: the same resume with the random states or the data-loader position dropped ends
 elsewhere."""
@@ -17,8 +17,8 @@ import torch
 
 from lightning_diff.callbacks import checkpoint as run_state
 from lightning_diff.checkpoint_io import AtomicCheckpointIO, ResumableDataLoader, load_checkpoint
+from lightning_diff.cli.train import compose, finish_logging, train
 from lightning_diff.data import Toy2DDataModule
-from lightning_diff.train import compose, finish_logging, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,17 +66,17 @@ def test_stop_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert loader_state["batches"] == 10  # the data-loader position, mid-epoch
     for broken in ("rng_dropped", "position_dropped"):  # the same first half, for the negative controls
         shutil.copytree(tmp_path / "resumed", tmp_path / broken)
-    second = _run(tmp_path / "resumed", 20, "logger=wandb", "ckpt_path=last")
+    second = _run(tmp_path / "resumed", 20, "logger=wandb", "ckpt=last")
     # the same W&B run continues (wandb suffixes "-1" to the folder when one of that name exists)
     assert re.fullmatch(rf"offline-run-\d+_\d+-{saved['wandb_run_id']}(-\d+)?", Path(second["wandb_run"]).name)
     _assert_same_state(reference["checkpoint"], second["checkpoint"])
     # the comparison can fail: the same resume without restoring the random states, or the loader position
     with monkeypatch.context() as patch:
         patch.setattr(run_state, "set_rng_states", lambda states: None)
-        rng_dropped = _run(tmp_path / "rng_dropped", 20, "~logger", "ckpt_path=last")
+        rng_dropped = _run(tmp_path / "rng_dropped", 20, "~logger", "ckpt=last")
     with monkeypatch.context() as patch:
         patch.setattr(ResumableDataLoader, "load_state_dict", lambda self, state: None)
-        position_dropped = _run(tmp_path / "position_dropped", 20, "~logger", "ckpt_path=last")
+        position_dropped = _run(tmp_path / "position_dropped", 20, "~logger", "ckpt=last")
     for broken in (rng_dropped, position_dropped):
         assert load_checkpoint(broken["checkpoint"])["global_step"] == 20
         with pytest.raises(AssertionError):
@@ -102,7 +102,7 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
     overrides = [*TINY, "~logger", f"hydra.run.dir={out}", "trainer.max_steps=30",
                  "+callbacks.sleep._target_=sleeper.Sleep"]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "checkpoints" / "last.ckpt"
     try:
@@ -117,7 +117,7 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
         process.wait()
     killed_at = load_checkpoint(last)["global_step"]
     assert 10 <= killed_at < 30, killed_at  # killed mid-run
-    resumed = _run(out, 30, "~logger", f"ckpt_path={last}")
+    resumed = _run(out, 30, "~logger", f"ckpt={last}")
     reference = _run(tmp_path / "reference", 30, "~logger")
     _assert_same_state(reference["checkpoint"], resumed["checkpoint"])
 

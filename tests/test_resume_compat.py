@@ -30,23 +30,23 @@ def vp_run(tmp_path_factory):
 
 
 def test_resuming_another_formulations_checkpoint_is_refused_naming_both(tmp_path, vp_run):
-    with pytest.raises(ValueError, match=rf"ckpt_path={vp_run} was trained with formulation=VP, this run asks for "
+    with pytest.raises(ValueError, match=rf"ckpt={vp_run} was trained with formulation=VP, this run asks for "
                                          rf"formulation=EDM; .*init_from={vp_run}"):
-        _run(tmp_path, 6, "~logger", "formulation=edm", f"ckpt_path={vp_run}")
+        _run(tmp_path, 6, "~logger", "formulation=edm", f"ckpt={vp_run}")
     assert not (tmp_path / "checkpoints").exists()  # refused before any step
 
 
 def test_resuming_with_another_network_or_data_is_refused_naming_the_settings(tmp_path, vp_run):
     with pytest.raises(ValueError, match=r"formulation.beta_d=19.9, this run asks for formulation.beta_d=10"):
-        _run(tmp_path, 6, "~logger", "formulation=vp", "formulation.beta_d=10", f"ckpt_path={vp_run}")
+        _run(tmp_path, 6, "~logger", "formulation=vp", "formulation.beta_d=10", f"ckpt={vp_run}")
     with pytest.raises(ValueError, match=r"network.hidden=32, this run asks for network.hidden=64"):
-        _run(tmp_path, 6, "~logger", "formulation=vp", "network.hidden=64", f"ckpt_path={vp_run}")
+        _run(tmp_path, 6, "~logger", "formulation=vp", "network.hidden=64", f"ckpt={vp_run}")
     with pytest.raises(ValueError, match=r"data classes=8, this run asks for data classes=2"):
-        _run(tmp_path, 6, "~logger", "formulation=vp", "data.dataset=two_moons", f"ckpt_path={vp_run}")
+        _run(tmp_path, 6, "~logger", "formulation=vp", "data.dataset=two_moons", f"ckpt={vp_run}")
 
 
 def test_resuming_the_same_experiment_with_more_steps_continues(tmp_path, vp_run):
-    result = _run(tmp_path, 5, "~logger", "formulation=vp", f"optimizer.lr={LR}", *FIXED_EMA, f"ckpt_path={vp_run}")
+    result = _run(tmp_path, 5, "~logger", "formulation=vp", f"optimizer.lr={LR}", *FIXED_EMA, f"ckpt={vp_run}")
     assert load_checkpoint(result["checkpoint"])["global_step"] == 5
 
 
@@ -75,11 +75,11 @@ def test_init_from_another_network_shape_or_a_missing_file_is_named(tmp_path, vp
         _run(tmp_path, 1, "~logger", f"init_from={tmp_path}/nope.ckpt")
 
 
-def test_init_from_with_ckpt_path_is_refused_but_a_requeue_resumes(tmp_path, vp_run):
-    with pytest.raises(ValueError, match=rf"init_from={vp_run} and ckpt_path={vp_run}"):
-        _run(tmp_path, 6, "~logger", "formulation=vp", f"ckpt_path={vp_run}", f"init_from={vp_run}")
-    first = _run(tmp_path, 2, "~logger", f"init_from={vp_run}", "ckpt_path=last_if_exists")  # first start
+def test_init_from_with_ckpt_is_refused_but_a_requeue_resumes(tmp_path, vp_run):
+    with pytest.raises(ValueError, match=rf"init_from={vp_run} and ckpt={vp_run}"):
+        _run(tmp_path, 6, "~logger", "formulation=vp", f"ckpt={vp_run}", f"init_from={vp_run}")
+    first = _run(tmp_path, 2, "~logger", f"init_from={vp_run}", "ckpt=last_if_exists")  # first start
     assert load_checkpoint(first["checkpoint"])["global_step"] == 2
-    again = _run(tmp_path, 4, "~logger", f"init_from={vp_run}", "ckpt_path=last_if_exists")  # requeued: resumes
+    again = _run(tmp_path, 4, "~logger", f"init_from={vp_run}", "ckpt=last_if_exists")  # requeued: resumes
     assert load_checkpoint(again["checkpoint"])["global_step"] == 4
     assert Path(again["checkpoint"]).parent == tmp_path / "checkpoints"

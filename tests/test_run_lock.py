@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from lightning_diff.checkpoint_io import load_checkpoint
 from lightning_diff.config import CONFIG_DIR
-from lightning_diff.run_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, is_global_rank_zero
+from lightning_diff.training.run_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, is_global_rank_zero
 
 from .test_resume import TINY
 
@@ -48,7 +48,7 @@ class Hold(pl.Callback):
 HOLDER = '''
 import sys, time
 from lightning_diff.config import CONFIG_DIR
-from lightning_diff.run_lock import hold_run_folder
+from lightning_diff.training.run_lock import hold_run_folder
 with hold_run_folder(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(120)
@@ -63,7 +63,7 @@ def _env(tmp_path) -> dict:
 
 
 def _train_command(out, *extra) -> list[str]:
-    return [sys.executable, "-m", "lightning_diff.train", *TINY, "~logger", "trainer.max_steps=2",
+    return [sys.executable, "-m", "lightning_diff.cli.train", *TINY, "~logger", "trainer.max_steps=2",
             f"hydra.run.dir={out}", *extra]
 
 
@@ -113,7 +113,7 @@ def test_a_held_folder_refuses_and_a_killed_holders_lock_is_taken_over(tmp_path,
     finally:
         holder.kill()  # SIGKILL: the lock file still names it, the kernel released its lock
         holder.wait()
-    with caplog.at_level("WARNING", logger="lightning_diff.run_lock"):
+    with caplog.at_level("WARNING", logger="lightning_diff.training.run_lock"):
         with hold_run_folder(tmp_path):
             with hold_run_folder(tmp_path):  # re-entrant within a process (the Hydra callback, then train())
                 pass

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import torch
 
-from lightning_diff.builders import load_module
 from lightning_diff.evaluation import generate
-from lightning_diff.module import SamplerSettings
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import load_module
 
 
 def test_same_seed_same_images_whatever_the_batch_size(digits_ckpt):
@@ -28,7 +28,7 @@ def test_same_seed_same_images_whatever_the_batch_size(digits_ckpt):
 
 def test_cli_writes_npz_and_grid(digits_ckpt, tmp_path):
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "lightning_diff.sample", f"ckpt={digits_ckpt}", "num_samples=6", "sampler=ddim",
+    cmd = [sys.executable, "-m", "lightning_diff.cli.sample", f"ckpt={digits_ckpt}", "num_samples=6", "sampler=ddim",
            "sampler.steps=4", "seed=3", f"out={out}", "sampler.batch_size=4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

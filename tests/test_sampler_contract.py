@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_diff import formulations, sampling
 from lightning_diff.denoiser import Denoiser
-from lightning_diff.sampling import schedules
+from lightning_diff.formulations import schedules
 
 torch.set_num_threads(1)
 

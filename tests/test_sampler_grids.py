@@ -14,7 +14,7 @@ import torch
 
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
-from lightning_diff.sampling import schedules
+from lightning_diff.formulations import schedules
 from lightning_diff.sampling.core import check_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread

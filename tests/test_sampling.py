@@ -13,7 +13,8 @@ import torch
 
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
-from lightning_diff.sampling import PerSampleGenerator, schedules
+from lightning_diff.formulations import schedules
+from lightning_diff.sampling import PerSampleGenerator
 
 f64 = torch.float64
 MU, S = torch.tensor([0.3, -0.2], dtype=f64), 0.5
@@ -196,8 +197,17 @@ def test_nfe_and_callback_payload(name):
     assert payloads[0]["x"].dtype == f64 and payloads[-1]["nfe"] <= stats["nfe"]
 
 
+def test_every_registered_sampler_has_a_config_and_no_config_names_an_unknown_one():
+    from pathlib import Path
+
+    from lightning_diff.config import CONFIG_DIR
+
+    assert set(NFE) | {"rk45"} <= set(sampling.names())
+    configs = {p.stem for p in Path(CONFIG_DIR, "sampler").glob("*.yaml")} - {"default"}
+    assert configs == set(sampling.names())
+
+
 def test_registry_and_bad_input():
-    assert set(sampling.names()) == set(NFE) | {"rk45"}
     x, grid = _start(2, 10.0), schedules.karras_sigmas(4, 0.01, 10.0)
     with pytest.raises(ValueError, match="allowed: euler"):
         sampling.sample("nope", MIX, x, grid)

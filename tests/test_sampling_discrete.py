@@ -18,8 +18,9 @@ import torch
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
 from lightning_diff.denoiser import Denoiser
+from lightning_diff.formulations import schedules
 from lightning_diff.networks.mlp import MLP
-from lightning_diff.sampling import PerSampleGenerator, schedules
+from lightning_diff.sampling import PerSampleGenerator
 
 f64 = torch.float64
 MIX = GaussianMixture([[-0.6, 0.3], [0.5, -0.4], [0.2, 0.7]], [0.2, 0.25, 0.15], [0.5, 0.3, 0.2])

@@ -12,8 +12,9 @@ from torch import nn
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
 from lightning_diff.denoiser import Denoiser
+from lightning_diff.formulations import schedules
 from lightning_diff.networks.mlp import MLP
-from lightning_diff.sampling import CFGDenoiser, ClassifierGuidance, schedules
+from lightning_diff.sampling import CFGDenoiser, ClassifierGuidance
 
 f64 = torch.float64
 MEANS, STDS, WEIGHTS = [[-1.0, 0.5], [1.0, -0.5], [0.3, 1.2]], [0.3, 0.4, 0.25], [0.5, 0.3, 0.2]
@@ -280,3 +281,32 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="formulation"):
         ClassifierGuidance(MIX, xt_frame_classifier, frame="x_t")  # x_t needs the formulation's s(t) and t
     assert math.isclose(CFGDenoiser.from_w(ExactConditional(), 0.5).scale, 1.5)
+
+
+class _LearnedVarianceMixture:
+    """The exact mixture denoiser with a learned-variance head (v = 0), taking labels (ignored)."""
+
+    def __init__(self):
+        from lightning_diff.analytic import GaussianMixture
+
+        self.mix = GaussianMixture(torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64), 0.3)
+
+    def __call__(self, x, sigma, labels=None):
+        return self.mix(x, sigma)
+
+    def forward_with_variance(self, x, sigma, labels=None):
+        return self.mix(x, sigma), torch.zeros_like(x)
+
+
+def test_a_guided_evaluation_counts_two_passes_through_the_learned_variance_head():
+    """``ddpm variance=learned`` wraps the denoiser in a head that must pass the guidance wrapper's ``network_passes``
+    through: under CFG every step costs 2 network passes (before: 1, half the true NFE of the DiT recipe's records)."""
+    from lightning_diff.formulations.schedules import karras_sigmas
+
+    model = _LearnedVarianceMixture()
+    guided = sampling.CFGDenoiser(model, 2.0, null_label=2)
+    stats, steps = {}, 5
+    sampling.ddpm(guided, torch.randn(3, 2, dtype=torch.float64) * 10, karras_sigmas(steps, 0.01, 10.0),
+                  variance="learned", cond={"labels": torch.tensor([0, 1, 0])}, stats=stats,
+                  generator=torch.Generator().manual_seed(0))
+    assert stats["nfe"] == 2 * steps

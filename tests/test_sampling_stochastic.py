@@ -11,7 +11,7 @@ import torch
 
 from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
-from lightning_diff.sampling import schedules
+from lightning_diff.formulations import schedules
 
 MIX = GaussianMixture([[-1.0, 0.5], [1.0, -0.5], [0.3, 1.2]], [0.3, 0.4, 0.25], [0.5, 0.3, 0.2])
 N_SAMPLES, SIGMA_MAX = 4000, 20.0

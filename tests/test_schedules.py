@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_diff import formulations
-from lightning_diff.sampling import schedules
+from lightning_diff.formulations import schedules
 
 f64 = torch.float64
 

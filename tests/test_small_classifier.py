@@ -12,18 +12,18 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from lightning_diff.builders import load_module
+from lightning_diff.cli.evaluate import evaluate
 from lightning_diff.data import DigitsDataModule, to_uint8
-from lightning_diff.evaluate import evaluate
 from lightning_diff.evaluation import generate
-from lightning_diff.metrics import Extractors, compute_metrics
-from lightning_diff.metrics.small_classifier import (
+from lightning_diff.evaluation.metrics import Extractors, compute_metrics
+from lightning_diff.evaluation.metrics.small_classifier import (
     SmallClassifier,
     load_or_train,
     train_small_classifier,
     weights_path,
 )
-from lightning_diff.module import SamplerSettings
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import load_module
 
 from .helpers import compose_config
 
@@ -68,7 +68,7 @@ def test_classifier_is_cached_once_and_classifies(cache, monkeypatch):
     path = weights_path("digits", 0, cache)
     state = torch.load(path, weights_only=True)
     assert state["dataset"] == "digits" and state["held_out_accuracy"] > 0.95  # 180 held-out digits
-    monkeypatch.setattr("lightning_diff.metrics.small_classifier.train_small_classifier",
+    monkeypatch.setattr("lightning_diff.evaluation.metrics.small_classifier.train_small_classifier",
                         lambda *a, **k: pytest.fail("retrained although cached"))
     assert load_or_train("digits", 0, cache) == path
     model = SmallClassifier()
@@ -124,7 +124,7 @@ def test_evaluate_uses_it_by_name(cache, digits_ckpt):
     """lightning-diff evaluate ... metrics.feature_extractor=small_classifier_digits: the record names the classifier
     (with its weights' hash) and its FID is compute_metrics' with the same generated and reference images."""
     cfg = compose_config("evaluate", [f"ckpt={digits_ckpt}", "sampler.steps=2", "device=cpu", "progress=false",
-                                      "metrics=[fid]", "metrics.num_images=16", "metrics.reference_num_images=64",
+                                      "metrics=[fid]", "metrics.num_samples=16", "metrics.reference_num_images=64",
                                       f"metrics.cache_dir={cache}", "metrics.feature_extractor=" + NAME,
                                       "metrics.fid.method=eigvals", "name=small_classifier"])
     record = json.loads(open(evaluate(cfg)["path"]).read())
@@ -138,3 +138,15 @@ def test_evaluate_uses_it_by_name(cache, digits_ckpt):
     expected = compute_metrics(to_uint8(samples), dm.train_set.source.tensors[0][:64], ["fid"], device="cpu",
                                feature_extractor=NAME, cache_dir=cache, fid_method="eigvals")["fid"]
     assert record["metrics"]["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_works_when_the_caller_samples_under_no_grad():
+    """A first evaluation with an empty cache trains the classifier from inside sampling code that runs under
+    ``torch.no_grad()`` (``reproduction.quality``): training must take its gradients anyway (before: "element 0 of
+    tensors does not require grad")."""
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 2
+    with torch.no_grad():
+        model, _ = train_small_classifier(images, labels, steps=2, batch_size=8)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    assert isinstance(model, SmallClassifier)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_diff.config import CONFIG_DIR
+
 from .helpers import wandb_run_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +25,7 @@ def test_multirun_makes_one_wandb_run_per_job_in_one_group(tmp_path):
                  "optimizer.lr=0.001,0.002"]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)
-    run = subprocess.run([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
     files = [next((sweep_dir / str(job)).glob("wandb/offline-run-*/run-*.wandb")) for job in (0, 1)]
@@ -43,7 +45,7 @@ def test_multirun_makes_one_wandb_run_per_job_in_one_group(tmp_path):
 def test_wandb_sweep_parameters_are_hydra_overrides():
     from omegaconf import OmegaConf
 
-    from lightning_diff.train import compose
+    from lightning_diff.cli.train import compose
 
     sweep = yaml.safe_load((ROOT / "sweeps" / "toy2d_lr.yaml").read_text())
     fixed = [arg for arg in sweep["command"] if "=" in arg and not arg.startswith("${")]
@@ -65,7 +67,7 @@ def test_optuna_sweep_returns_the_optimised_metric(tmp_path):
                  "callbacks.sample_grid=null", "callbacks.progress=null", "logger=csv", "optimized_metric=train/loss",
                  "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "lightning_diff.train", *overrides], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "lightning_diff.cli.train", *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
@@ -80,7 +82,7 @@ def test_optuna_sweep_returns_the_optimised_metric(tmp_path):
 def test_slurm_launcher_config_composes():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["launcher=slurm", "trainer=ddp"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8

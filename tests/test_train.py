@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_diff import formulations
-from lightning_diff.builders import build_datamodule, build_module, load_module
-from lightning_diff.module import SamplerSettings
-from lightning_diff.train import train
+from lightning_diff.cli.train import train
+from lightning_diff.config import CONFIG_DIR
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.builders import build_datamodule, build_module, load_module
 
 from .helpers import compose_config
 
@@ -77,7 +78,7 @@ def test_bad_formulation_name_is_named(tmp_path):
 def test_every_group_option_composes(group, tmp_path):
     from pathlib import Path
 
-    options = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / group).glob("*.yaml"))
+    options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
     assert options
     for option in options:
         cfg = compose_config("train", [f"{group}={option}"], tmp_path)
@@ -93,7 +94,7 @@ def test_removed_logger_means_no_logger(tmp_path):
 
 def test_wandb_offline_run_holds_config_losses_lr_and_sample_grid(tmp_path, monkeypatch):
     """Read the offline W&B run of a short training back from its .wandb records."""
-    from lightning_diff.train import finish_logging
+    from lightning_diff.cli.train import finish_logging
 
     from .helpers import wandb_run_summary
 

@@ -9,11 +9,11 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_diff import formulations
+from lightning_diff.cli.train import compose, finish_logging, train
 from lightning_diff.data import Toy2DDataModule
-from lightning_diff.module import DiffusionModule
 from lightning_diff.networks import MLP
-from lightning_diff.optim import Constant, Cosine, InverseSqrt, constant, cosine, inverse_sqrt
-from lightning_diff.train import compose, finish_logging, train
+from lightning_diff.training.module import DiffusionModule
+from lightning_diff.training.optim import Constant, Cosine, InverseSqrt, constant, cosine, inverse_sqrt
 
 
 def _optimizer():

@@ -6,9 +6,9 @@ import warnings
 from pathlib import Path
 
 import lightning_diff
+from lightning_diff.cli.train import finish_logging, train
 from lightning_diff.config import compose
 from lightning_diff.known_warnings import silence_unactionable_warnings
-from lightning_diff.train import finish_logging, train
 
 PACKAGE = str(Path(lightning_diff.__file__).parent)
 

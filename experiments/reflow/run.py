@@ -3,7 +3,7 @@
 The 1-rectified flow is exact: the ideal denoiser of the ring (``Toy2DDataModule().mixture``), i.e. the optimum of
 the rf loss on independent pairs, so "before" has no training error. Its ODE (heun, 32 steps) draws 16384 pairs; an
 MLP trained on them with ``objective=reflow`` is the 2-rectified flow. Both are scored on 2000 held-out noises:
-straightness S (eq. 1 of ``lightning_diff.reflow``, 100 Euler steps), and for 1, 2 and 4 Euler steps the W2 to 2000 data
+straightness S (eq. 1 of ``methods.reflow``, 100 Euler steps), and for 1, 2 and 4 Euler steps the W2 to 2000 data
 points and the mean exact log-density of the samples. Writes ``reflow.png`` and ``results.md`` here.
 Usage: ``python experiments/reflow/run.py [train_steps]`` (CPU, a few minutes).
 """
@@ -22,11 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_diff import reflow, sampling  # noqa: E402
+from lightning_diff import sampling
 from lightning_diff.data import Toy2DDataModule  # noqa: E402
 from lightning_diff.formulations import RectifiedFlow  # noqa: E402
-from lightning_diff.module import DiffusionModule, SamplerSettings  # noqa: E402
+from lightning_diff.methods import reflow  # noqa: E402
 from lightning_diff.networks import MLP  # noqa: E402
+from lightning_diff.objectives import Reflow  # noqa: E402
+from lightning_diff.sampling.settings import SamplerSettings
+from lightning_diff.training.module import DiffusionModule  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +43,7 @@ def main(train_steps: int = 3000) -> None:
         path = reflow.save_couplings(pairs, Path(folder) / "pairs.pt")
         pl.seed_everything(0)
         module = DiffusionModule(MLP(dim=2, hidden=128, depth=3), formulation, data_shape=(2,),
-                                 objective=reflow.Reflow(), optimizer=functools.partial(torch.optim.Adam, lr=2e-3))
+                                 objective=Reflow(), optimizer=functools.partial(torch.optim.Adam, lr=2e-3))
         trainer = pl.Trainer(max_steps=train_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         trainer.fit(module, datamodule=reflow.ReflowPairsDataModule(str(path), batch_size=512))

@@ -11,7 +11,7 @@ alone) is sampled on strided grids of S in {10, 20, 50, 100} steps (the formulat
   strided grid).
 
 Quality: Fréchet distance (FD) and KID in the small digits classifier's features against the training digits
-(``lightning_diff.reproduction.quality``), the same seeds for every setting; Inception FID, with the small FD of
+(``lightning_diff.cli.reproduction.quality``), the same seeds for every setting; Inception FID, with the small FD of
 the same images, on the sigma-hat row (the row whose quality changes most with S) from fewer samples (Inception
 on 299x299 upsamples is the CPU's most expensive step).
 
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_diff.reproduction import (  # noqa: E402
+from lightning_diff.cli.reproduction import (
     DIGITS_DDPM,
     argument_parser,
     digits_ddpm,
@@ -96,9 +96,9 @@ def main() -> None:
     for row in ROWS:
         scores[row] = {}
         for s in steps:
-            scores[row][s] = quality(module, data, sampler(row, s), num_images=num_images)
+            scores[row][s] = quality(module, data, sampler(row, s), num_samples=num_images)
             print(f"{row:10s} S={s:3d} FD={scores[row][s]['fd']:.4g} KID={scores[row][s]['kid']:.4g}", flush=True)
-    inception = {s: quality(module, data, sampler(INCEPTION_ROW, s), num_images=inception_images, inception=True)
+    inception = {s: quality(module, data, sampler(INCEPTION_ROW, s), num_samples=inception_images, inception=True)
                  for s in steps}
     table = (f"DDPM (linear betas, T=1000) on 8x8 digits, {num_images} samples (seeds 0..{num_images - 1}) per "
              f"cell against the 1,617 training digits.\n\n{tables(scores, inception, inception_images)}")

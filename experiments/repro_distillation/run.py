@@ -1,7 +1,7 @@
 """Progressive distillation on 8x8 digits (Salimans & Ho 2022): 64 -> 32 -> 16 -> 8 -> 4 DDIM steps.
 
 Trains the demo's EDM teacher (configs/experiment/edm_digits.yaml; cached by ``reproduction.trained``) unless
-``--teacher CKPT`` is given, distils it with ``lightning_diff.distillation.ProgressiveDistillation`` and measures, per
+``--teacher CKPT`` is given, distils it with ``methods.distillation.ProgressiveDistillation`` and measures, per
 round, the student's deterministic DDIM samples and the teacher's DDIM samples at the same step count on the same
 seeds 0..N-1:
 
@@ -35,15 +35,15 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
-from lightning_diff.builders import build_datamodule, load_module  # noqa: E402
+from lightning_diff.cli.reproduction import QUICK_TRAINING, argument_parser, markdown_table, trained, write_results  # noqa: E402
 from lightning_diff.config import compose  # noqa: E402
 from lightning_diff.data.digits import digits_uint8  # noqa: E402
 from lightning_diff.data.transforms import to_uint8  # noqa: E402
-from lightning_diff.distillation import ProgressiveDistillation  # noqa: E402
 from lightning_diff.evaluation import split_batch, split_view  # noqa: E402
-from lightning_diff.metrics import compute_metrics  # noqa: E402
-from lightning_diff.metrics.small_classifier import extractor_name  # noqa: E402
-from lightning_diff.reproduction import QUICK_TRAINING, argument_parser, markdown_table, trained, write_results  # noqa: E402
+from lightning_diff.evaluation.metrics import compute_metrics  # noqa: E402
+from lightning_diff.evaluation.metrics.small_classifier import extractor_name  # noqa: E402
+from lightning_diff.methods.distillation import ProgressiveDistillation  # noqa: E402
+from lightning_diff.training.builders import build_datamodule, load_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEACHER = ["experiment=edm_digits"]
@@ -128,7 +128,7 @@ def main() -> None:
     share, fd = realism(), small_classifier_fd(data)
     distiller = ProgressiveDistillation(
         module.denoiser, functools.partial(torch.optim.Adam, lr=args.lr), steps=BASE_STEPS, rounds=args.rounds,
-        steps_per_round=args.steps_per_round, data_shape=module.data_shape, quality_seeds=args.seeds,
+        steps_per_round=args.steps_per_round, data_shape=module.data_shape, quality_samples=args.seeds,
         quality=lambda samples: {"fd": fd(samples), "realistic": share(samples)})
     trainer = pl.Trainer(accelerator="cpu", max_steps=args.rounds * args.steps_per_round, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

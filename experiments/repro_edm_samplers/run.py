@@ -6,7 +6,7 @@ counts on the model's own grid; the VP model also by EDM Figure 2's ablation cha
 ``sigma(t), s(t)`` (``sampler=ablation``: Euler there is VP's original deterministic sampler) and EDM's Heun on EDM's
 time steps (eq. 5, rho = 7 between sigma 0.002 and 80, Table 1). Then the stochastic Heun (Algorithm 2) of the EDM
 model at 35 NFE against S_churn (Figure 4's shape). Quality: Fréchet distance (FD) and KID in the small digits
-classifier's features (``lightning_diff.reproduction.quality``), the same seeds for every setting.
+classifier's features (``lightning_diff.cli.reproduction.quality``), the same seeds for every setting.
 
 Usage: ``python experiments/repro_edm_samplers/run.py [--out DIR] [--quick]``
 """
@@ -21,7 +21,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_diff.reproduction import QUICK_TRAINING, argument_parser, markdown_table, quality, trained, write_results  # noqa: E402
+from lightning_diff.cli.reproduction import (  # noqa: E402
+    QUICK_TRAINING,
+    argument_parser,
+    markdown_table,
+    quality,
+    trained,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"edm": ["experiment=edm_digits"], "vp": ["experiment=edm_digits", "formulation=vp"]}
@@ -59,7 +66,7 @@ def sweep(module, data, curve: str, heun_steps, num_images: int) -> list[dict]:
         steps = curve_steps(curve, n)
         sampler = {"name": name, "steps": steps, "options": options}
         scores = quality(module, data, {**sampler, "time_steps": EDM_STEPS} if edm_steps else sampler,
-                         num_images=num_images)
+                         num_samples=num_images)
         rows.append({"curve": curve, "steps": steps, **scores})
         print(f"{curve:28s} N={steps:3d} NFE={rows[-1]['nfe']:3d} FD={scores['fd']:.4g}", flush=True)
     return rows
@@ -70,7 +77,7 @@ def churn_sweep(module, data, steps: int, num_images: int) -> list[dict]:
     rows = []
     for churn in CHURN:
         scores = quality(module, data, {"name": "heun", "steps": steps, "options": {"S_churn": churn}},
-                         num_images=num_images)
+                         num_samples=num_images)
         rows.append({"S_churn": churn, "steps": steps, **scores})
         print(f"S_churn={churn:5g} FD={scores['fd']:.4g}", flush=True)
     return rows
@@ -120,7 +127,7 @@ def main() -> None:
         results[model] = [row for curve in MODEL_CURVES[model]
                           for row in sweep(module, data, curve, heun_steps, num_images)]
     churn = churn_sweep(*modules["edm"], churn_steps, num_images)
-    fid = quality(*modules["edm"], {"name": "heun", "steps": churn_steps}, num_images=num_images, inception=True)
+    fid = quality(*modules["edm"], {"name": "heun", "steps": churn_steps}, num_samples=num_images, inception=True)
     churn_table = markdown_table(["S_churn", "NFE", "FD", "KID"],
                                  [[r["S_churn"], r["nfe"], r["fd"], r["kid"]] for r in churn])
     table = (f"FD in the small digits classifier's features, {num_images} samples (seeds 0..{num_images - 1}), "

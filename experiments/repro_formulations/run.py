@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from lightning_diff.cli.reproduction import argument_parser, markdown_table, quality, trained, write_results  # noqa: E402
 from lightning_diff.evaluation.split_likelihood import split_bits_per_dim  # noqa: E402
-from lightning_diff.reproduction import argument_parser, markdown_table, quality, trained, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FORMULATIONS = ("ddpm", "iddpm", "ncsn", "vp", "subvp", "ve", "edm", "rf")
@@ -77,8 +77,8 @@ def training(budget: dict, name: str) -> list[str]:
 def evaluate(name: str, budget: dict, root: Path) -> dict:
     """Train ``formulation=name`` (cached) and score it: own sampler, Heun 35 NFE, bits/dim."""
     module, data = trained(name, training(budget, name), root)
-    own = quality(module, data, OWN_SAMPLERS[name], num_images=budget["num_images"])
-    heun35 = quality(module, data, heun(module.formulation), num_images=budget["num_images"])
+    own = quality(module, data, OWN_SAMPLERS[name], num_samples=budget["num_images"])
+    heun35 = quality(module, data, heun(module.formulation), num_samples=budget["num_images"])
     row = {"formulation": name, "own_sampler": OWN_SAMPLERS[name], "own": own, "heun35": heun35,
            **bits_per_dim(module, data, budget["bpd_images"])}
     print(f"{name:6s} own FD {own['fd']:.4g} (NFE {own['nfe']}), Heun FD {heun35['fd']:.4g} (NFE {heun35['nfe']}), "
@@ -118,7 +118,7 @@ def main() -> None:
     out, budget = Path(args.out), BUDGET["quick" if args.quick else "full"]
     rows = [evaluate(name, budget, out / "runs") for name in FORMULATIONS]
     edm, data = trained("edm", training(budget, "edm"), out / "runs")
-    fid = quality(edm, data, heun(edm.formulation), num_images=budget["num_images"], inception=True)
+    fid = quality(edm, data, heun(edm.formulation), num_samples=budget["num_images"], inception=True)
     n = budget["num_images"]
     table = (f"Every formulation: the demo's recipe for {budget['steps']} steps of batch {budget['batch']}. FD and KID "
              f"in the small digits classifier's features, {n} samples (seeds 0..{n - 1}), lower is better; bits/dim: "

@@ -9,7 +9,7 @@ unconditional one) at several gamma. Per gamma, on the same seeds (asked class `
 - fidelity: the share of samples the small digits classifier (``metrics/small_classifier.py``, trained on real
   digits; its held-out accuracy is printed with the table) reads as the asked class;
 - diversity and quality: Fréchet distance (FD) and KID to the training digits in that classifier's features
-  (``lightning_diff.reproduction.quality``, which also writes each gamma's leaderboard record), lower is better;
+  (``lightning_diff.cli.reproduction.quality``, which also writes each gamma's leaderboard record), lower is better;
   Inception FID on the gamma = 1 row.
 
 Usage: ``python experiments/repro_guidance/run.py [--out DIR] [--quick]``
@@ -25,10 +25,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from lightning_diff.cli.reproduction import (  # noqa: E402
+    QUICK_TRAINING,
+    argument_parser,
+    markdown_table,
+    quality,
+    trained,
+    write_results,
+)
 from lightning_diff.data.transforms import to_uint8  # noqa: E402
 from lightning_diff.evaluation import generate  # noqa: E402
-from lightning_diff.metrics.small_classifier import SmallClassifier, load_or_train  # noqa: E402
-from lightning_diff.reproduction import QUICK_TRAINING, argument_parser, markdown_table, quality, trained, write_results  # noqa: E402
+from lightning_diff.evaluation.metrics.small_classifier import SmallClassifier, load_or_train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LABEL_DROPOUT = 0.1  # p_uncond; Ho & Salimans 2022 Sec. 4 find 0.1 and 0.2 best on ImageNet 64x64
@@ -64,7 +71,7 @@ def sweep(module, data, classifier: SmallClassifier, num_images: int) -> list[di
     (sample i depends on seed i only: they are the images ``quality`` scored)."""
     rows = []
     for gamma in GAMMAS:
-        scores = quality(module, data, SAMPLER, num_images=num_images, guidance=gamma,
+        scores = quality(module, data, SAMPLER, num_samples=num_images, guidance=gamma,
                          inception=gamma == INCEPTION_GAMMA)
         samples, asked, _ = generate(module, range(num_images), sampler=SAMPLER, guidance=gamma, progress=False)
         accuracy = class_accuracy(classifier, to_uint8(samples, data.transform), asked)

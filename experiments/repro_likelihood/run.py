@@ -29,8 +29,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from lightning_diff.cli.reproduction import DIGITS_DDPM, argument_parser, digits_ddpm, markdown_table, write_results  # noqa: E402
 from lightning_diff.evaluation.split_likelihood import split_bits_per_dim, split_vlb  # noqa: E402
-from lightning_diff.reproduction import DIGITS_DDPM, argument_parser, digits_ddpm, markdown_table, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANCES = ("fixed_small", "fixed_large", "learned", "analytic")  # iDDPM Table 1 / Analytic-DPM Table 2 rows

@@ -1,4 +1,4 @@
-"""``RunState``: the parts of a run that Lightning's checkpoint leaves out, so ``ckpt_path=last`` continues
+"""``RunState``: the parts of a run that Lightning's checkpoint leaves out, so ``ckpt=last`` continues
 the same trajectory and the same W&B run (docs/distributed.md#checkpoints-and-resume).
 
 - Random streams per rank: at ``setup`` every rank seeds torch, numpy and ``random`` with
@@ -9,7 +9,7 @@ the same trajectory and the same W&B run (docs/distributed.md#checkpoints-and-re
 The data-loader position is saved by Lightning through ``checkpoint_io.ResumableDataLoader``.
 
 ``LastCheckpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` always holds the run's final state, at the
-end of training and after a graceful stop by SIGINT or SIGTERM. ``resolve_ckpt_path`` turns ``ckpt_path=last`` /
+end of training and after a graceful stop by SIGINT or SIGTERM. ``resolve_ckpt_path`` turns ``ckpt=last`` /
 ``last_if_exists`` into the file to resume from.
 """
 
@@ -117,7 +117,7 @@ class StopRequested(SystemExit):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is the run's final state, so that ``ckpt_path=last`` continues where
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the run's final state, so that ``ckpt=last`` continues where
     the run ended (docs/distributed.md#checkpoints-and-resume).
 
     - The final step is saved when it is reached (``trainer.max_steps``), before the fit-end work (sample grid,
@@ -158,7 +158,7 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last(trainer)
         if stop:
             signum = self._stop_signal or signal.SIGTERM  # a rank told by another one
-            log.warning("%s: training stopped at global step %d, saved %s; resume with ckpt_path=last",
+            log.warning("%s: training stopped at global step %d, saved %s; resume with ckpt=last",
                         signal.Signals(signum).name, trainer.global_step, self.last_model_path)
             raise StopRequested(128 + signum)
 
@@ -205,7 +205,7 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> str 
     ``ckpt_path`` is a file, or
     - ``last``: ``checkpoint_dir/last.ckpt``, which must exist. Every run writes to a new directory
       (``hydra.run.dir``, by default ``outputs/<task>/<experiment>/<time>_<id>``), so resuming means running
-      in the old run's directory: ``hydra.run.dir=<that directory> ckpt_path=last``.
+      in the old run's directory: ``hydra.run.dir=<that directory> ckpt=last``.
     - ``last_if_exists``: that file when it exists, else None with a log line: a job that may be a first
       start or a requeue (SLURM ``--requeue`` with a fixed ``hydra.run.dir``).
     Raises ``FileNotFoundError`` naming the file or folder looked in and how to point at a run."""
@@ -213,21 +213,21 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> str 
         return None
     if ckpt_path not in ("last", "last_if_exists"):
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; allowed: a checkpoint file, last "
+            raise FileNotFoundError(f"ckpt={ckpt_path}: no such file; allowed: a checkpoint file, last "
                                     "(<run dir>/checkpoints/last.ckpt) or last_if_exists")
         return ckpt_path
     if checkpoint_dir is None:
-        raise ValueError(f"ckpt_path={ckpt_path} needs callbacks.checkpoint.dirpath (the folder of last.ckpt)")
+        raise ValueError(f"ckpt={ckpt_path} needs callbacks.checkpoint.dirpath (the folder of last.ckpt)")
     last = Path(checkpoint_dir) / "last.ckpt"
     if last.is_file():
         return str(last)
     if ckpt_path == "last_if_exists":
-        log.info("ckpt_path=last_if_exists: no %s yet, starting from scratch", last)
+        log.info("ckpt=last_if_exists: no %s yet, starting from scratch", last)
         return None
     raise FileNotFoundError(
-        f"ckpt_path=last: no last.ckpt in {checkpoint_dir}. Each run writes to a new directory, so point this "
-        "one at the run to resume: hydra.run.dir=<that run's directory> ckpt_path=last, or pass the file: "
-        "ckpt_path=<run dir>/checkpoints/last.ckpt. ckpt_path=last_if_exists starts from scratch when there "
+        f"ckpt=last: no last.ckpt in {checkpoint_dir}. Each run writes to a new directory, so point this "
+        "one at the run to resume: hydra.run.dir=<that run's directory> ckpt=last, or pass the file: "
+        "ckpt=<run dir>/checkpoints/last.ckpt. ckpt=last_if_exists starts from scratch when there "
         "is none (a requeued job).")
 
 

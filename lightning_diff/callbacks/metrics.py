@@ -20,9 +20,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
+from ..aliases import renamed_keywords
 from ..evaluation import SAMPLE_METRICS, sample_quality, split_bits_per_dim
 from ..evaluation.records import log_record_to_wandb, make_record, rerun_command, run_description, write_record
-from ..module import SamplerSettings
+from ..sampling.settings import SamplerSettings
 from .ema import EMA
 
 __all__ = ["GenerativeMetrics", "BitsPerDim"]
@@ -32,7 +33,7 @@ class _PeriodicEvaluation(pl.Callback):
     """Runs ``measure(trainer, module) -> (values, protocol)`` every n-th validation epoch and at fit end.
 
     Attributes ``history``: one ``{"epoch", "step", "weights", "values", "protocol"}`` per evaluation;
-    ``artifacts``: ``{"record/<key>": path}`` of the newest record written (``lightning_diff.train`` returns it)."""
+    ``artifacts``: ``{"record/<key>": path}`` of the newest record written (``lightning_diff.cli.train`` returns it)."""
 
     key = "evaluation"  # W&B summary key of the protocol
     section = "samples"  # the protocol's section in the record (as lightning-diff evaluate writes it)
@@ -110,7 +111,8 @@ class GenerativeMetrics(_PeriodicEvaluation):
         metrics: any of ``fid``, ``is``, ``kid``, ``pr`` (logged as ``metrics/fid``, ``metrics/is_mean``...).
         every_n_epochs: evaluate at the end of every n-th validation epoch (0 = only at fit end).
         at_fit_end: evaluate when training ends.
-        num_images, seed, seed_sets: generated images per seed set, first seed, seed sets (EDM: min of 3).
+        num_samples, seed, seed_sets: generated images per seed set (old keyword: ``num_images``), first seed, seed
+            sets (EDM: min of 3).
         sampler: a ``SamplerSettings`` or its config node (``configs/callbacks/generative_metrics.yaml``
             interpolates the run's ``sampler``); None: the module's own. Checked against the formulation
             when fitting starts, before any training step.
@@ -124,8 +126,9 @@ class GenerativeMetrics(_PeriodicEvaluation):
 
     key = "generative_metrics"
 
+    @renamed_keywords(num_images="num_samples")
     def __init__(self, metrics: Sequence[str] = ("fid",), every_n_epochs: int = 0, at_fit_end: bool = True,
-                 num_images: int = 10_000, seed: int = 0, seed_sets: int = 1,
+                 num_samples: int = 10_000, seed: int = 0, seed_sets: int = 1,
                  sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, reference: str = "train",
                  reference_num_images: int | None = None, inception_weights="auto", batch_size: int = 64,
                  cache_dir: str | None = None, options: dict | None = None, feature_extractor: str | None = None):
@@ -136,7 +139,7 @@ class GenerativeMetrics(_PeriodicEvaluation):
         if bad or not self.metrics:
             raise ValueError(f"generative_metrics.metrics={self.metrics!r}: unknown {bad}; allowed: any of "
                              f"{list(SAMPLE_METRICS)} (bits/dim: the BitsPerDim callback)")
-        self.settings = dict(num_images=num_images, seed=seed, seed_sets=seed_sets, guidance=guidance,
+        self.settings = dict(num_samples=num_samples, seed=seed, seed_sets=seed_sets, guidance=guidance,
                              reference=reference, reference_num_images=reference_num_images,
                              inception_weights=inception_weights, batch_size=batch_size, cache_dir=cache_dir,
                              options=dict(options or {}), feature_extractor=feature_extractor)

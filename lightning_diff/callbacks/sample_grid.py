@@ -1,9 +1,14 @@
 """``SampleGrid``: sample with fixed seeds and the run's sampler, write a PNG grid (images) or scatter plot
-(2-D data), log it."""
+(2-D data), log it. ``write_samples`` writes the one ``samples.npz`` layout (with its ``samples.png``) that both
+``lightning-diff train`` (this grid) and ``lightning-diff sample`` write."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -11,10 +16,13 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ..checkpoint_io import atomic_write_all
 from ..data.transforms import to_uint8
 from ..evaluation import generate
 
-__all__ = ["SampleGrid", "save_image_grid", "save_scatter"]
+__all__ = ["SampleGrid", "save_image_grid", "save_scatter", "write_samples"]
+
+GRID_IMAGES = 64  # images lightning-diff sample draws in samples.png (samples.npz holds all of them)
 
 
 def save_image_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -54,6 +62,43 @@ def save_scatter(points: torch.Tensor, path: str | Path, reference: torch.Tensor
     return path
 
 
+def write_samples(folder: str | Path, samples: torch.Tensor, labels: torch.Tensor | None, *, data_transform=None,
+                  reference: torch.Tensor | None = None, title: str = "", name: str = "samples",
+                  grid: int = GRID_IMAGES) -> tuple[Path, Path]:
+    """Write ``<folder>/<name>.npz`` and ``<folder>/<name>.png`` as one unit (``checkpoint_io.atomic_write_all``: an
+    earlier pair stays whole until both new files are on the disk); returns their paths.
+
+    ``samples``: float model space, images ``[N, C, H, W]`` or points ``[N, D]``; ``labels``: long ``[N]`` or None.
+    The ``.npz`` layout: ``images`` uint8 ``[N, C, H, W]`` (image data, rounded as EDM writes PNGs with
+    ``data_transform``) or ``samples`` float32 ``[N, D]`` (point data); ``labels`` int64 ``[N]`` for a conditional
+    model; ``reference`` float32 ``[M, D]``, held-out data points drawn under 2-D samples, when given. The ``.png``:
+    a grid of the first ``grid`` images, or a scatter plot of the points."""
+    folder = Path(folder)
+    if samples.ndim == 4:
+        images = to_uint8(samples.cpu(), data_transform)
+        arrays = {"images": images.numpy()}
+        draw = partial(save_image_grid, images[:grid])
+    else:
+        arrays = {"samples": samples.cpu().float().numpy()}
+        draw = partial(save_scatter, samples, reference=reference, title=title)
+        if reference is not None:
+            arrays["reference"] = reference.cpu().float().numpy()
+    if labels is not None:
+        arrays["labels"] = labels.cpu().long().numpy()
+    npz, png = atomic_write_all({folder / f"{name}.npz": lambda file: np.savez(file, **arrays),
+                                 folder / f"{name}.png": lambda file: file.write(_rendered(draw))})
+    return npz, png
+
+
+def _rendered(draw: Callable[[Path], Any]) -> bytes:
+    """The bytes of the PNG that ``draw(path)`` writes (``save_image_grid`` and ``save_scatter`` take a path,
+    not a file)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "samples.png"
+        draw(path)
+        return path.read_bytes()
+
+
 def _reference_points(datamodule, n: int) -> torch.Tensor | None:
     """Up to ``n`` held-out data points to draw under 2-D samples."""
     if datamodule is None:
@@ -74,8 +119,8 @@ class SampleGrid(pl.Callback):
     Runs when training ends (with the EMA weights when an EMA callback copied them into the module) and,
     when ``every_n_epochs > 0``, at the end of every n-th validation epoch (EMA weights are swapped in
     during validation). Writes ``dirpath/samples.png`` (or ``samples_epoch{E}.png``) and the samples as
-    ``.npz`` (key ``samples``, float model space; ``images``, uint8, for image data; ``reference``,
-    held-out points, for 2-D data), and logs the PNG to W&B.
+    ``.npz`` in the layout of ``lightning-diff sample`` (``write_samples``; 2-D data also ``reference``, held-out
+    points), and logs the PNG to W&B.
     """
 
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, dirpath: str = "."):
@@ -87,19 +132,10 @@ class SampleGrid(pl.Callback):
 
     @rank_zero_only
     def _render(self, trainer: pl.Trainer, module, name: str) -> None:
-        samples, _, _ = generate(module, range(self.num_samples), progress=False)
-        path = self.dirpath / f"{name}.png"
-        arrays = {"samples": samples.cpu().numpy()}
-        if samples.ndim == 4:
-            images = to_uint8(samples, module.data_transform)
-            save_image_grid(images, path)
-            arrays["images"] = images.cpu().numpy()
-        else:
-            reference = _reference_points(trainer.datamodule, 2000)
-            save_scatter(samples, path, reference, title=module.formulation.name)
-            if reference is not None:
-                arrays["reference"] = reference.cpu().numpy()
-        np.savez(self.dirpath / f"{name}.npz", **arrays)
+        samples, labels, _ = generate(module, range(self.num_samples), progress=False)
+        reference = None if samples.ndim == 4 else _reference_points(trainer.datamodule, 2000)
+        _, path = write_samples(self.dirpath, samples, labels, data_transform=module.data_transform,
+                                reference=reference, title=module.formulation.name, name=name, grid=self.num_samples)
         self.artifacts["sample_grid"] = str(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -1,5 +1,5 @@
 """The Analytic-DPM score moments of a trained ``DiffusionModule`` on its run's training data
-(``lightning_diff.analytic_dpm``; docs/samplers.md#analytic-dpm): what ``lightning-diff sample`` and the
+(``lightning_diff.sampling.analytic_dpm``; docs/samplers.md#analytic-dpm): what ``lightning-diff sample`` and the
 ``vlb`` metric call for ``variance=analytic``. Here rather than in ``analytic_dpm`` because it rebuilds the
 run's data module (``builders``), a layer above the samplers."""
 
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..analytic_dpm import ScoreMoments, cached_moments
+from ..sampling.analytic_dpm import ScoreMoments, cached_moments
 
 __all__ = ["module_moments", "with_moments"]
 
@@ -24,7 +24,7 @@ def module_moments(module, sigmas: torch.Tensor, *, datamodule=None, num_samples
     levels (``module.denoiser.round_sigma``), as the samplers do."""
     from omegaconf import OmegaConf
 
-    from ..builders import build_datamodule
+    from ..training.builders import build_datamodule
 
     if datamodule is None:
         data_config = (module.run_config or {}).get("data")

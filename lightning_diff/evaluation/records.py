@@ -18,13 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..checkpoint_io import write_new_text
-from ..metrics.protocol import reference_statistics_sha256
+from .metrics.protocol import reference_statistics_sha256
 from .sample_quality import SAMPLE_METRICS
 from .split_likelihood import LIKELIHOOD_METRICS
 
 __all__ = ["METRICS", "RECORD_VERSION", "RecordError", "selected_metrics", "make_record", "write_record",
            "read_record", "run_description", "uncertainty", "provenance", "config_hash", "rerun_command",
-           "wandb_table_rows", "log_record_to_wandb", "summary_line"]
+           "wandb_table_rows", "log_record_to_wandb", "summary_line", "guidance_options"]
 
 METRICS = SAMPLE_METRICS + LIKELIHOOD_METRICS
 RECORD_VERSION = 2  # 1: checkpoint, metrics, protocol, config; 2: + record_version, kind, run, uncertainty, provenance
@@ -121,7 +121,8 @@ def run_description(checkpoint: str | Path | None, run_config: Mapping | None, s
                     name: str | None = None) -> dict:
     """What a record measured: the checkpoint, its run folder, name, experiment, formulation, network, data, and
     the training step and images seen (step x data.batch_size x trainer.devices x num_nodes x
-    accumulate_grad_batches, each 1 when unset; None when one is not an integer, e.g. ``devices: auto``)."""
+    accumulate_grad_batches, each 1 when unset; None when one is not an integer, e.g. ``devices: auto``), and the
+    EMA length ``sigma_rel`` of a ``lightning-diff posthoc-ema`` checkpoint (None otherwise)."""
     cfg = dict(run_config or {})
     checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
     folder = None if checkpoint is None else checkpoint.parent
@@ -138,7 +139,8 @@ def run_description(checkpoint: str | Path | None, run_config: Mapping | None, s
             "experiment": cfg.get("experiment_name"),
             "formulation": _short(cfg.get("formulation")) or (released or {}).get("format"),
             "network": _short(cfg.get("network")), "data": _short(cfg.get("data")),
-            "training_step": step, "training_images": images}
+            "training_step": step, "training_images": images,
+            "sigma_rel": (cfg.get("posthoc_ema") or {}).get("sigma_rel")}
 
 
 def make_record(metrics: Mapping, protocol: Mapping, config: Mapping, *, kind: str, run: Mapping,
@@ -220,6 +222,18 @@ def log_record_to_wandb(run, record: Mapping, key: str) -> None:
     run.log({f"records/{key}_table": wandb.Table(columns=columns, data=rows)})
 
 
+def guidance_options(sampler: Mapping) -> dict:
+    """A sampler record's guidance (``sampling.Guidance.record``) as options, for the leaderboard's options column and
+    ``summary_line``: ``guidance=2`` (classifier-free; an older record holds the gamma alone), ``autoguidance=2
+    (<weaker model>)``, and ``guidance_interval=(sigma_lo, sigma_hi]``; none when unguided (gamma 1)."""
+    scale, kind = sampler.get("guidance"), sampler.get("guidance_kind", "cfg")
+    if scale in (None, 1, 1.0):
+        return {}
+    options = {"guidance": scale} if kind == "cfg" else {kind: f"{scale:g} ({sampler.get('guidance_ckpt')})"}
+    interval = sampler.get("guidance_interval")
+    return options if not interval else {**options, "guidance_interval": f"({interval[0]:g}, {interval[1]:g}]"}
+
+
 def summary_line(record: dict) -> str:
     """``fid=... bpd=... | <n> images, <sampler> <steps> steps (NFE), ema weights, bpd on test | <path>``."""
     numbers = " ".join(f"{k}={v:.4g}" for k, v in record["metrics"].items())
@@ -229,6 +243,7 @@ def summary_line(record: dict) -> str:
         s = protocol["samples"]
         parts.append(f"{s['num_images']} images x {s['seed_sets']} seed sets, {s['sampler']['name']} "
                      f"{s['sampler']['steps']} steps (NFE {s['nfe']})")
+        parts += [f"{k}={v}" for k, v in guidance_options(s["sampler"]).items()]
     parts += [f"{m} on the {protocol[m]['split']} split ({protocol[m]['num_images']} images)"
               for m in LIKELIHOOD_METRICS if m in protocol]
     return f"{numbers} | {', '.join(parts)} | {record['path']}"

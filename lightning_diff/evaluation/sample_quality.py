@@ -1,5 +1,5 @@
 """Sample quality of a module: FID, IS, KID and precision/recall of its samples against a split of the data
-(``lightning_diff.metrics`` on images rounded to uint8 as EDM writes PNGs)."""
+(``lightning_diff.evaluation.metrics`` on images rounded to uint8 as EDM writes PNGs)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..aliases import renamed_keywords
 from ..data.transforms import to_uint8
-from ..metrics import (
+from ..sampling import Guidance
+from ..sampling.settings import SamplerSettings
+from .generate import generate, labels_protocol, load_guidance
+from .metrics import (
     Extractors,
     ImageSource,
     ReferenceStats,
@@ -20,15 +24,13 @@ from ..metrics import (
     load_published_reference,
     protocol_record,
 )
-from ..metrics.extractor import INCEPTION_WEIGHTS_FILE
-from ..module import SamplerSettings
-from .generate import generate, labels_protocol
+from .metrics.extractor import INCEPTION_WEIGHTS_FILE
 from .progress import progress_bar
 from .splits import reference_tag, split_batch, split_view
 
 __all__ = ["SAMPLE_METRICS", "METRIC_OPTIONS", "default_inception_weights", "sample_quality"]
 
-SAMPLE_METRICS = ("fid", "is", "kid", "pr")  # scored on generated images (lightning_diff.metrics)
+SAMPLE_METRICS = ("fid", "is", "kid", "pr")  # scored on generated images (lightning_diff.evaluation.metrics)
 METRIC_OPTIONS = {  # the settings of each metric (configs/metrics/<name>.yaml)
     "fid": ("method",),
     "is": ("splits",),
@@ -58,8 +60,9 @@ def default_inception_weights(inception_weights, metrics: Sequence[str]):
     return None if cached.is_file() or "is" in metrics else str(fid_helper_weights_path())
 
 
-def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: int, weights: str,
-                   sampler: SamplerSettings | Mapping | None = None, guidance: float = 1.0, seed: int = 0,
+@renamed_keywords(num_images="num_samples")
+def sample_quality(module, datamodule, metrics: Sequence[str], *, num_samples: int, weights: str,
+                   sampler: SamplerSettings | Mapping | None = None, guidance: float | Guidance = 1.0, seed: int = 0,
                    seed_sets: int = 1, reference: str = "train", reference_num_images: int | None = None,
                    inception_weights="auto", batch_size: int = 64, cache_dir=None, options: dict | None = None,
                    feature_extractor: str | None = None,
@@ -69,13 +72,16 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
     FID and IS only; ``datamodule`` may then be None and the images are rounded with ``module.data_transform``).
 
     Every rank calls it (collectives inside): each generates its block of the seeds
-    ``seed + k * num_images + [0, num_images)`` with ``sampler`` and ``guidance``; the images are
+    ``seed + k * num_samples + [0, num_samples)`` with ``sampler`` and ``guidance``; the images are
     rounded to uint8 as EDM writes PNGs; the reference statistics are cached (computed on the first call).
 
     Args:
         metrics: any of ``fid``, ``is``, ``kid``, ``pr``.
+        num_samples: generated images per seed set (``metrics.num_samples``; old keyword ``num_images``).
         weights: ``"ema"`` or ``"raw"``: which weights ``module`` holds (recorded).
         sampler: a ``SamplerSettings`` or its config node; None: the module's own (``module.sampler``).
+        guidance: a number (classifier-free gamma, 1 = none) or a ``Guidance`` (CFG or autoguidance, an interval);
+            recorded in the sampler's record (``Guidance.record``: gamma, kind, interval, the weaker model).
         batch_size: images per feature-extractor call (``metrics.batch_size``).
         options: per-metric options as in ``configs/metrics`` (``{"fid": {"method": ...}, "kid": {...}}``).
         inception_weights: ``"auto"`` (see :func:`default_inception_weights`), None or a path.
@@ -89,9 +95,9 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
     metrics = [m for m in SAMPLE_METRICS if m in metrics]
     options = {m: dict(o or {}) for m, o in (options or {}).items()}
     subset_size = options.get("kid", {}).get("subset_size", 1000)
-    if "kid" in metrics and not 2 <= subset_size <= num_images:  # before any sampling or reference statistics
-        raise ValueError(f"metrics.kid.subset_size={subset_size} is invalid for metrics.num_images={num_images}; "
-                         f"allowed: an integer in [2, {num_images}]")
+    if "kid" in metrics and not 2 <= subset_size <= num_samples:  # before any sampling or reference statistics
+        raise ValueError(f"metrics.kid.subset_size={subset_size} is invalid for metrics.num_samples={num_samples}; "
+                         f"allowed: an integer in [2, {num_samples}]")
     _check_options(options)
     device = torch.device(device) if device is not None else module.device
     weights_arg = default_inception_weights(inception_weights, metrics)
@@ -105,7 +111,8 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
                          "published statistics file, metrics.reference=/path/to/fid-ref.npz")
     transform = module.data_transform if published else datamodule.transform
     sampler = module.sampler if sampler is None else SamplerSettings.from_config(sampler).check(module.formulation)
-    sampler_record = {**module.sampler_record(sampler), "guidance": guidance}
+    guidance = load_guidance(Guidance.from_config(guidance, own=1.0), module)  # autoguidance: loaded once
+    sampler_record = {**sampler.record(module.formulation, module.grid), **guidance.record()}
     with progress_bar(progress) as bar:  # plain lines where stdout is not a terminal
         key, reference_cached = None, None
         if published and "fid" in metrics:
@@ -132,7 +139,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
         extractors = Extractors.build(metrics, weights_arg, options.get("pr", {}).get("vgg16_weights"), device,
                                       cache_dir, feature_extractor)
         task = bar.add_task(f"sampling ({sampler.name}, {sampler_record['steps']} steps)",
-                            total=num_images * seed_sets)
+                            total=num_samples * seed_sets)
         stats = {}
 
         def generate_uint8(seeds: list[int]) -> torch.Tensor:
@@ -143,7 +150,7 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
             return to_uint8(samples, transform)
 
         out = evaluate_generator(
-            generate_uint8, key, metrics, num_images=num_images, seed_sets=seed_sets, first_seed=seed,
+            generate_uint8, key, metrics, num_samples=num_samples, seed_sets=seed_sets, first_seed=seed,
             batch_size=batch_size, extractors=extractors, device=device, cache_dir=cache_dir,
             fid_method=options.get("fid", {}).get("method", "sqrtm"),
             isc_splits=options.get("is", {}).get("splits", 10),
@@ -152,8 +159,8 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_images: in
             pr_neighborhood=options.get("pr", {}).get("neighborhood", 3))
     results = {k: v for k, v in out.items() if k not in ("per_seed_set", "best_seed_set")}
     protocol = protocol_record(
-        num_images=num_images, reference=_reference_record(key), extractor=extractors.inception_id,
-        seeds=range(seed, seed + num_images), weights=weights,
+        num_images=num_samples, reference=_reference_record(key), extractor=extractors.inception_id,
+        seeds=range(seed, seed + num_samples), weights=weights,
         sampler=sampler_record,
         nfe=stats.get("nfe"), seed_sets=seed_sets, reference_cached=reference_cached, metrics=metrics,
         metric_options=options, per_seed_set=out["per_seed_set"], best_seed_set=out["best_seed_set"],

@@ -11,14 +11,14 @@ import torch
 from rich.progress import Progress
 
 from ..data.transforms import bpd_offset
-from ..likelihood import ode_bits_per_dim, vlb_bits_per_dim, vlb_sigmas
-from ..metrics import all_reduce_sum, shard
 from .analytic_moments import module_moments
+from .likelihood import ode_bits_per_dim, vlb_bits_per_dim, vlb_sigmas
+from .metrics import all_reduce_sum, shard
 from .splits import split_batch, split_view
 
 __all__ = ["LIKELIHOOD_METRICS", "split_bits_per_dim", "require_discrete", "split_vlb"]
 
-LIKELIHOOD_METRICS = ("bpd", "vlb")  # scored on a data split (lightning_diff.likelihood)
+LIKELIHOOD_METRICS = ("bpd", "vlb")  # scored on a data split (lightning_diff.evaluation.likelihood)
 
 
 def _split_mean(module, datamodule, *, split: str, num_images: int | None, batch_size: int, seed: int,

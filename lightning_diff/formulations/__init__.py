@@ -7,17 +7,18 @@ Every family of the papers (EDM Table 1 plus DDPM, sub-VP, NCSN and rectified fl
 from __future__ import annotations
 
 from .base import Formulation
+from .consistency import Consistency
 from .discrete import DDPM, IDDPM, NCSN
 from .edm import EDM
 from .flow import RectifiedFlow
 from .ve import VE
 from .vp import VP, SubVP
 
-__all__ = ["Formulation", "EDM", "VP", "SubVP", "VE", "NCSN", "DDPM", "IDDPM", "RectifiedFlow", "get", "names",
-           "REGISTRY"]
+__all__ = ["Formulation", "EDM", "VP", "SubVP", "VE", "NCSN", "DDPM", "IDDPM", "RectifiedFlow", "Consistency", "get",
+           "names", "REGISTRY"]
 
 REGISTRY: dict[str, type[Formulation]] = {
-    cls.name: cls for cls in (EDM, VP, SubVP, VE, NCSN, DDPM, IDDPM, RectifiedFlow)
+    cls.name: cls for cls in (EDM, VP, SubVP, VE, NCSN, DDPM, IDDPM, RectifiedFlow, Consistency)
 }
 
 

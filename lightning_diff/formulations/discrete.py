@@ -17,9 +17,10 @@ import math
 
 import torch
 
-from ..sampling.schedules import SPACINGS, ddpm_sigmas, iddpm_sigmas
+from ..aliases import renamed_keywords
 from .base import Formulation, check_positive, check_range
 from .prediction import VPPrediction, check_prediction
+from .schedules import SPACINGS, ddpm_sigmas, iddpm_sigmas
 
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -167,26 +168,29 @@ def _checked_betas(betas, num_timesteps: int, setting: str) -> torch.Tensor:
 
 class IDDPM(DiscreteFormulation):
     """EDM Table 1 "iDDPM": u_M = 0, u_{j-1} = sqrt((u_j^2 + 1) / max(abar_{j-1}/abar_j, C1) - 1),
-    abar_j = sin^2(pi/2 j / (M (C2 + 1))); c_noise = M - 1 - argmin_j |u_j - sigma|."""
+    abar_j = sin^2(pi/2 j / (M (C2 + 1))); c_noise = M - 1 - argmin_j |u_j - sigma|, with M = ``num_timesteps``
+    (EDM's name ``M`` is the deprecated keyword alias)."""
 
     name = "iddpm"
     min_sampling_steps = 2  # the grid formula (EDM Table 1) divides by N - 1
 
+    @renamed_keywords(M="num_timesteps")
     def __init__(
         self,
         C_1: float = 0.001,  # Timestep adjustment at low noise levels.
         C_2: float = 0.008,  # Timestep adjustment at high noise levels.
-        M: int = 1000,  # Original number of timesteps in the DDPM formulation.
+        num_timesteps: int = 1000,  # M: original number of timesteps in the DDPM formulation.
         j0: int = 8,  # First grid index used for sampling (u_8 = 80.20, so sigma_max ~ 80).
     ):
         setting = f"formulation={self.name}"
         check_positive("C_1", C_1, setting)
         check_positive("C_2", C_2, setting)
+        M = num_timesteps
         if not isinstance(M, int) or M < 2:
-            raise ValueError(f"{setting}: M={M!r} is invalid; allowed: an integer >= 2")
+            raise ValueError(f"{setting}: num_timesteps={M!r} is invalid; allowed: an integer >= 2")
         if not isinstance(j0, int) or not 0 <= j0 < M - 1:
             raise ValueError(f"{setting}: j0={j0!r} is invalid; allowed: an integer in [0, {M - 2}]")
-        self.C_1, self.C_2, self.M, self.j0 = C_1, C_2, M, j0
+        self.C_1, self.C_2, self.num_timesteps, self.j0 = C_1, C_2, M, j0
         u = torch.zeros(M + 1, dtype=torch.float64)
         j = torch.arange(M + 1, dtype=torch.float64)
         alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
@@ -203,12 +207,12 @@ class IDDPM(DiscreteFormulation):
         return (1 + sigma**2).rsqrt()
 
     def c_noise(self, sigma):
-        return (self.M - 1 - self.nearest_index(sigma)).to(sigma.dtype)
+        return (self.num_timesteps - 1 - self.nearest_index(sigma)).to(sigma.dtype)
 
     @property
     def max_sampling_steps(self) -> int:
         """The levels u_j0 .. u_(M-1), each visited at most once."""
-        return self.M - self.j0
+        return self.num_timesteps - self.j0
 
     def sampling_sigmas(self, num_steps, device=None):
         return iddpm_sigmas(num_steps, self.u, self.j0).to(device)
@@ -216,22 +220,25 @@ class IDDPM(DiscreteFormulation):
 
 class NCSN(DiscreteFormulation):
     """Song & Ermon 2019 / NCSNv2 (Song & Ermon 2020): geometric levels sigma_1 > ... > sigma_L,
-    score s = F / sigma, so D = x + sigma F (c_out = sigma); c_noise is the level index (0 = sigma_1)."""
+    score s = F / sigma, so D = x + sigma F (c_out = sigma); c_noise is the level index (0 = sigma_1). The L levels
+    are ``num_timesteps`` (``num_levels`` is the deprecated keyword alias)."""
 
     name = "ncsn"
 
+    @renamed_keywords(num_levels="num_timesteps")
     def __init__(
         self,
         sigma_max: float = 1.0,  # sigma_1 (NCSN; NCSNv2 uses about the largest pairwise data distance).
         sigma_min: float = 0.01,  # sigma_L.
-        num_levels: int = 10,  # L.
+        num_timesteps: int = 10,  # L: the number of noise levels.
     ):
         setting = f"formulation={self.name}"
         check_range(sigma_min, sigma_max, setting)
-        if not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"{setting}: num_levels={num_levels!r} is invalid; allowed: an integer >= 2")
-        self.sigma_min, self.sigma_max, self.num_levels = sigma_min, sigma_max, num_levels
-        self.grid = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64)
+        L = num_timesteps
+        if not isinstance(L, int) or L < 2:
+            raise ValueError(f"{setting}: num_timesteps={L!r} is invalid; allowed: an integer >= 2")
+        self.sigma_min, self.sigma_max, self.num_timesteps = sigma_min, sigma_max, L
+        self.grid = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), L, dtype=torch.float64)
 
     def config(self) -> dict:
         return {k: v for k, v in super().config().items() if not isinstance(v, torch.Tensor)}
@@ -239,12 +246,12 @@ class NCSN(DiscreteFormulation):
     @property
     def default_sampling_steps(self) -> int:
         """All L noise levels (annealed Langevin visits each once)."""
-        return self.num_levels
+        return self.num_timesteps
 
     @property
     def max_sampling_steps(self) -> int:
         """Each of the L levels at most once."""
-        return self.num_levels
+        return self.num_timesteps
 
     def c_out(self, sigma):
         return sigma
@@ -254,10 +261,10 @@ class NCSN(DiscreteFormulation):
 
     def sampling_sigmas(self, num_steps=None, device=None):
         """The noise levels (all L by default, or ``num_steps`` of them evenly by index), then 0."""
-        num_steps = self.num_levels if num_steps is None else num_steps
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= self.num_levels:
+        num_steps = self.num_timesteps if num_steps is None else num_steps
+        if not isinstance(num_steps, int) or not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"formulation=ncsn: num_steps={num_steps!r} is invalid; "
-                             f"allowed: an integer in [1, {self.num_levels}]")
-        idx = torch.round(torch.linspace(0, self.num_levels - 1, num_steps, dtype=torch.float64)).long()
+                             f"allowed: an integer in [1, {self.num_timesteps}]")
+        idx = torch.round(torch.linspace(0, self.num_timesteps - 1, num_steps, dtype=torch.float64)).long()
         sigmas = self.grid[idx]
         return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)

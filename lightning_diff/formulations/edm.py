@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..sampling.schedules import karras_sigmas
 from .base import Formulation, check_positive, check_range
+from .schedules import karras_sigmas
 
 
 class EDM(Formulation):
@@ -20,10 +20,11 @@ class EDM(Formulation):
         sigma_max: float = 80.0,  # Highest noise level used for sampling.
         rho: float = 7.0,  # Time-step exponent of the sampling grid (EDM eq. 5).
     ):
-        check_positive("sigma_data", sigma_data, "formulation=edm")
-        check_positive("P_std", P_std, "formulation=edm")
-        check_positive("rho", rho, "formulation=edm")
-        check_range(sigma_min, sigma_max, "formulation=edm")
+        setting = f"formulation={self.name}"  # edm, or a subclass's (consistency)
+        check_positive("sigma_data", sigma_data, setting)
+        check_positive("P_std", P_std, setting)
+        check_positive("rho", rho, setting)
+        check_range(sigma_min, sigma_max, setting)
         self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling.schedules import rf_sigmas
 from .base import Formulation, check_positive
+from .schedules import rf_sigmas
 
 T_DISTRIBUTIONS = ("uniform", "logit_normal")
 

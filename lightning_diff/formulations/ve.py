@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from ..sampling.schedules import ve_sigmas
 from .base import Formulation, check_range
+from .schedules import ve_sigmas
 
 
 class VE(Formulation):

@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling.schedules import vp_sigmas
+from ..aliases import renamed_keywords
 from .base import Formulation, check_positive
 from .prediction import VPPrediction, check_prediction
+from .schedules import vp_sigmas
 
 
 class VP(VPPrediction, Formulation):
     """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), s(t) = 1 / sqrt(1 + sigma(t)^2); network fed
     ``c_in x = x_t`` and ``(M - 1) t``, predicting ``eps`` (EDM's VPPrecond), ``x0`` or ``v`` (Salimans & Ho 2022,
     Sec. 4: ``v = alpha n - sigma_t y``); c_skip, c_out and ``loss_weight = 1 / c_out^2`` from
-    ``prediction.VPPrediction`` (for eps the weight is EDM's 1/sigma^2)."""
+    ``prediction.VPPrediction`` (for eps the weight is EDM's 1/sigma^2). M is ``num_timesteps`` (EDM's name ``M``:
+    the deprecated keyword alias)."""
 
     name = "vp"
 
+    @renamed_keywords(M="num_timesteps")
     def __init__(
         self,
         beta_d: float = 19.9,  # Extent of the noise level schedule (beta_max - beta_min).
         beta_min: float = 0.1,  # Initial slope of the noise level schedule.
-        M: int = 1000,  # Original number of timesteps in the DDPM formulation (c_noise scale).
+        num_timesteps: int = 1000,  # M: original number of timesteps in the DDPM formulation (c_noise scale).
         epsilon_t: float = 1e-5,  # Minimum t during training.
         epsilon_s: float = 1e-3,  # Minimum t of the sampling grid (EDM Table 1).
         prediction: str = "eps",  # The network's target: 'eps', 'x0' or 'v' (formulations.prediction).
@@ -33,14 +36,15 @@ class VP(VPPrediction, Formulation):
             raise ValueError(f"{setting}: prediction={prediction!r} is not supported; allowed: eps (x0 and v are "
                              "defined for the variance-preserving frame, formulation=vp)")
         self.prediction = prediction
-        for key, value in dict(beta_d=beta_d, M=M, epsilon_t=epsilon_t, epsilon_s=epsilon_s).items():
+        positive = dict(beta_d=beta_d, num_timesteps=num_timesteps, epsilon_t=epsilon_t, epsilon_s=epsilon_s)
+        for key, value in positive.items():
             check_positive(key, value, setting)
         if beta_min < 0:
             raise ValueError(f"{setting}: beta_min={beta_min} is invalid; allowed: a number >= 0")
         for key, value in dict(epsilon_t=epsilon_t, epsilon_s=epsilon_s).items():
             if value >= 1:
                 raise ValueError(f"{setting}: {key}={value} is invalid; allowed: 0 < {key} < 1")
-        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        self.beta_d, self.beta_min, self.num_timesteps = beta_d, beta_min, num_timesteps
         self.epsilon_t, self.epsilon_s = epsilon_t, epsilon_s
         t = torch.tensor([epsilon_t, 1.0], dtype=torch.float64)
         self.sigma_min, self.sigma_max = (float(v) for v in self.sigma(t))
@@ -77,7 +81,7 @@ class VP(VPPrediction, Formulation):
         return self.s(self.t_of_sigma(sigma))
 
     def c_noise(self, sigma):
-        return (self.M - 1) * self.t_of_sigma(sigma)
+        return (self.num_timesteps - 1) * self.t_of_sigma(sigma)
 
     def sample_training_sigma(self, shape, generator=None, device=None):
         # t ~ U(epsilon_t, 1) (EDM Table 1, Song et al. 2021).

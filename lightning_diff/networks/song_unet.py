@@ -9,14 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import (
-    FourierEmbedding,
-    LabelEmbedding,
-    PositionalEmbedding,
-    Resample,
-    check_conditioning,
-    group_norm,
-)
+from .layers import FourierEmbedding, LabelEmbedding, PositionalEmbedding, Resample, check_conditioning, group_norm
 from .unet_blocks import UNetBlock
 
 __all__ = ["SongUNet"]

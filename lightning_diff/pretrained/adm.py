@@ -17,8 +17,8 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..formulations import DDPM
+from ..formulations.schedules import ddpm_timesteps
 from ..networks.adm import ConvResample, DhariwalEncoder, DhariwalUNet
-from ..sampling.schedules import ddpm_timesteps
 from .base import Pretrained
 
 __all__ = ["load", "FLAGS", "build_network", "read_state_dict", "load_classifier", "CLASSIFIER_FLAGS"]

@@ -28,7 +28,7 @@ class Pretrained:
         decoder: latent models only: a module mapping ``[B, *data_shape]`` latents to images in model space.
         sampler: the source's own sampler as a ``configs/sampler`` node (``name``, ``steps``, ``options``,
             ``time_steps``; its grid's spacing is the formulation's): what ``lightning-diff sample`` / ``evaluate``
-            run for the settings they leave null (``DiffusionModule.sampler_from_config``); empty: none known.
+            run for the settings they leave null (``SamplerSettings.of_run``); empty: none known.
         guidance: the source's classifier-free guidance gamma (1 = none) for a null ``guidance`` setting.
     """
 

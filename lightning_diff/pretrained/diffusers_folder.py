@@ -17,7 +17,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..formulations import DDPM
-from ..sampling.schedules import SPACINGS
+from ..formulations.schedules import SPACINGS
 from .base import Pretrained
 
 __all__ = ["load", "PREDICTIONS", "SCHEDULER_FLAGS"]

@@ -176,11 +176,11 @@ def _formulation(precond: ModuleRecord) -> formulations.Formulation:
                                 sigma_min=max(GENERATE_SIGMA_MIN, float(s["sigma_min"])),
                                 sigma_max=min(GENERATE_SIGMA_MAX, float(s["sigma_max"])))
     if name == "vp":
-        return formulations.get("vp", beta_d=float(s["beta_d"]), beta_min=float(s["beta_min"]), M=int(s["M"]),
-                                epsilon_t=float(s["epsilon_t"]))
+        return formulations.get("vp", beta_d=float(s["beta_d"]), beta_min=float(s["beta_min"]),
+                                num_timesteps=int(s["M"]), epsilon_t=float(s["epsilon_t"]))
     if name == "ve":
         return formulations.get("ve", sigma_min=float(s["sigma_min"]), sigma_max=float(s["sigma_max"]))
-    return formulations.get("iddpm", C_1=float(s["C_1"]), C_2=float(s["C_2"]), M=int(s["M"]))
+    return formulations.get("iddpm", C_1=float(s["C_1"]), C_2=float(s["C_2"]), num_timesteps=int(s["M"]))
 
 
 # --- networks ---------------------------------------------------------------------------------------------------

@@ -26,45 +26,27 @@
 
 from __future__ import annotations
 
-import inspect
-
-import torch
-
-from . import schedules
+from ..formulations import schedules
 from .adaptive import rk45
 from .ancestral import ddim, ddpm
-from .dpm_solver import dpmpp_2m
+from .consistency import consistency
+from .dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_3m_sde, dpmpp_sde
 from .edm import ablation, euler, heun
-from .guidance import CFGDenoiser, ClassifierGuidance
+from .guidance import AutoGuidance, CFGDenoiser, ClassifierGuidance, Guidance
+from .karras_ode import dpm_2, dpm_2_ancestral, euler_ancestral
 from .langevin import annealed_langevin
+from .multistep import deis, lms
 from .noise import SEED_PROTOCOLS, PerSampleGenerator, initial_labels, initial_noise, randn_like
+from .registry import SAMPLERS, names, sample
 from .sde import euler_maruyama, pc
+from .settings import SamplerSettings
+from .unipc import unipc
 
 __all__ = [
     "SAMPLERS", "sample", "names", "euler", "heun", "ablation", "ddim", "ddpm", "euler_maruyama", "pc",
-    "annealed_langevin", "dpmpp_2m", "rk45", "CFGDenoiser", "ClassifierGuidance", "PerSampleGenerator",
-    "randn_like", "initial_noise", "initial_labels", "SEED_PROTOCOLS", "schedules",
+    "annealed_langevin", "dpmpp_2m", "rk45", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms",
+    "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis", "consistency",
+    "CFGDenoiser", "AutoGuidance", "Guidance",
+    "ClassifierGuidance", "PerSampleGenerator",
+    "randn_like", "initial_noise", "initial_labels", "SEED_PROTOCOLS", "schedules", "SamplerSettings",
 ]
-
-SAMPLERS = {fn.__name__: fn for fn in (euler, heun, ablation, ddim, ddpm, euler_maruyama, pc,
-                                       annealed_langevin, dpmpp_2m, rk45)}
-
-
-def names() -> list[str]:
-    """Registry names of all samplers."""
-    return list(SAMPLERS)
-
-
-def sample(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options) -> torch.Tensor:
-    """Run sampler ``name`` (a key of ``SAMPLERS``) with keyword ``options``.
-
-    Raises ``ValueError`` naming the allowed samplers or the sampler's allowed options on bad input.
-    """
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler={name!r} is not known; allowed: {', '.join(SAMPLERS)}")
-    fn = SAMPLERS[name]
-    allowed = [p for p in inspect.signature(fn).parameters if p not in ("denoiser", "x", "sigmas")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"sampler={name}: unknown options {unknown}; allowed: {', '.join(allowed)}")
-    return fn(denoiser, x, sigmas, **options)

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from .. import analytic_dpm
 from ..formulations.posterior import ddpm_posterior
-from .core import Evaluator, check_choice, check_grid, round_sigma_of, to_dtype
+from . import analytic_dpm
+from .core import Evaluator, check_choice, check_grid, network_passes, round_sigma_of, to_dtype
 from .guidance import split_classifier_guidance
 from .noise import randn_like
 
@@ -121,7 +121,7 @@ def ddpm(denoiser, x, sigmas, *, variance: str = "fixed_small", moments: analyti
     model, guidance_grad = split_classifier_guidance(denoiser)
     learned = _VarianceHead(model) if variance == "learned" else None
     if variance in ("sn", "npr"):  # Extended-Analytic-DPM (Bao et al. ICML 2022); imported here: no import cycle
-        from ..extended_analytic_dpm import SecondMomentHead
+        from .analytic_dpm import SecondMomentHead
 
         learned = SecondMomentHead(model, variance)
     evaluate = Evaluator(model if learned is None else learned, x, dtype, cond, stats, callback)
@@ -190,6 +190,10 @@ class _VarianceHead:
     def __call__(self, x, sigma, **cond):
         D, self.v = self.denoiser.forward_with_variance(x, sigma, **cond)
         return D
+
+    def network_passes(self, cond: dict, sigma=None) -> int:
+        """The wrapped denoiser's passes per call (2 for a guided one, ``core.network_passes``)."""
+        return network_passes(self.denoiser, cond, sigma)
 
 
 def _analytic_variances(grid: list[float], variance: str, moments) -> list[float] | None:

@@ -15,8 +15,9 @@ Two optional denoiser attributes (looked up with ``getattr``; guidance wrappers 
   delegates to its formulation: the nearest grid level for ddpm/iddpm/ncsn, identity otherwise). Samplers
   snap the grid before the first step and EDM's churned level ``sigma_hat``, as NVlabs/edm's ``edm_sampler``
   (``t_steps = round_sigma(t_steps)``, ``t_hat = round_sigma(t_cur + gamma t_cur)``). Absent: identity.
-- ``network_passes(cond: dict) -> int``: network forward passes per sample that one call with conditioning
-  ``cond`` costs (``CFGDenoiser``: 2 for a guided call). Absent: 1.
+- ``network_passes(cond: dict, sigma: Tensor | None) -> int``: network forward passes per sample that one call with
+  conditioning ``cond`` at noise levels ``sigma`` ``[B]`` costs (``CFGDenoiser``, ``AutoGuidance``: 2 for a guided
+  call, 1 at a level outside their guidance interval; ``sigma=None``: the guided count). Absent: 1.
 
 NFE (``stats["nfe"]``, callback ``"nfe"``): network forward passes per sample, the sum of ``network_passes``
 over the sampler's denoiser calls; a classifier-free-guided evaluation counts 2.
@@ -45,11 +46,12 @@ def round_sigma_of(denoiser: Callable) -> Callable[[torch.Tensor], torch.Tensor]
     return getattr(denoiser, "round_sigma", None) or identity
 
 
-def network_passes(denoiser: Callable, cond: dict) -> int:
-    """Network forward passes per sample of one call ``denoiser(x, sigma, **cond)``: the denoiser's own
-    ``network_passes(cond)`` when it has one (guidance wrappers), else 1."""
+def network_passes(denoiser: Callable, cond: dict, sigma: torch.Tensor | None = None) -> int:
+    """Network forward passes per sample of one call ``denoiser(x, sigma, **cond)`` (``sigma``: its ``[B]`` noise
+    levels, None when unknown): the denoiser's own ``network_passes(cond, sigma)`` when it has one (guidance
+    wrappers), else 1."""
     count = getattr(denoiser, "network_passes", None)
-    return 1 if count is None else count(cond)
+    return 1 if count is None else count(cond, sigma)
 
 
 def check_grid(sigmas: torch.Tensor, x: torch.Tensor, sampler: str, denoiser: Callable,
@@ -129,10 +131,10 @@ class Evaluator:
 
     def __call__(self, x: torch.Tensor, sigma, cond: dict | None = None) -> torch.Tensor:
         """``D(x; sigma)`` in the solver dtype; ``cond`` replaces the stored conditioning (row subsets)."""
-        cond = self.cond if cond is None else cond
-        self.nfe += network_passes(self.denoiser, cond)
+        cond, sigma = self.cond if cond is None else cond, self.sigma_batch(sigma, x.shape[0])
+        self.nfe += network_passes(self.denoiser, cond, sigma)
         self._write("nfe", self.nfe)
-        return self.denoiser(x, self.sigma_batch(sigma, x.shape[0]), **cond).to(self.dtype)
+        return self.denoiser(x, sigma, **cond).to(self.dtype)
 
     def snap(self, sigma: float) -> float:
         """The network noise level nearest to ``sigma`` (EDM's ``round_sigma``; identity for continuous models)."""
