@@ -206,7 +206,8 @@ class _GuidedDenoiser:
         plain = network_passes(self._plain_model(labels), cond, sigma)
         if not self._guides(labels):
             return plain
-        if sigma is not None and not bool(self.inside(sigma, torch.as_tensor(sigma).numel()).any()):
+        outside = sigma is not None and self.interval is not None  # no interval: no mask, no host sync per call
+        if outside and not bool(self.inside(sigma, torch.as_tensor(sigma).numel()).any()):
             return plain
         return plain + self._reference_passes(cond, sigma)
 
