@@ -30,6 +30,11 @@ ROWS = {
         ("real loader vs in-memory batch (steps/s)", r"data loading .*\(([0-9.]+)\)", ">= 0.95"),
         ("torch.compile step speed-up", r"torch.compile .*\(" + X, "report"),
     ],
+    "user_wall.py": [
+        ("make demo wall / 150 s (every core)", r"^demo wall: .*: " + X, "<= 1"),
+        ("first evaluate wall / 90 s (every core)", r"^first evaluate wall: .*: " + X, "<= 1"),
+        ("later evaluate wall / 60 s (every core)", r"^later evaluate wall: .*: " + X, "<= 1"),
+    ],
     "cli_help.py": [("lightning-diff <command> --help vs the module's own (wall)", r"geometric mean .*: " + X, ">= 5")],
     "metrics.py": [("FID throughput vs torch-fidelity calculate_metrics", r"ratio " + X, ">= 1.5")],
     "sampling_speed.py": [

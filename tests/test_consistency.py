@@ -25,6 +25,8 @@ from lightning_diff import formulations, sampling
 from lightning_diff.analytic import GaussianMixture
 from lightning_diff.data.toy2d import ring_of_gaussians
 from lightning_diff.denoiser import Denoiser
+from lightning_diff.evaluation.leaderboard import _options_text
+from lightning_diff.evaluation.records import run_description
 from lightning_diff.methods import consistency as cm
 from lightning_diff.networks import MLP
 
@@ -296,6 +298,10 @@ def test_cli_writes_a_checkpoint_that_samples_in_one_step(digits_ckpt, tmp_path,
     stats_ = {}
     images = model.sample(range(3), stats=stats_)  # the stored sampler: one step
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all() and stats_["nfe"] == 1
+    # records and the leaderboard's options column say which consistency method made the model
+    run = run_description(result["model"], model.run_config)
+    assert run["consistency"] == mode
+    assert f"consistency={mode}" in _options_text({"name": "consistency", "steps": 1}, None, run)
 
 
 def test_cli_trains_from_scratch_and_refuses_what_cannot_start(digits_ckpt, tmp_path):
@@ -303,6 +309,7 @@ def test_cli_trains_from_scratch_and_refuses_what_cannot_start(digits_ckpt, tmp_
 
     result = _command(tmp_path, "mode=ct", "curriculum=constant", "network.model_channels=8")
     assert result["init"] == "scratch" and load_module(result["model"]).formulation.name == "consistency"
+    assert run_description(result["model"], load_module(result["model"]).run_config)["consistency"] == "ct"
     with pytest.raises(ValueError, match="init=ckpt without a checkpoint.*allowed"):
         _command(tmp_path, "mode=ct", "init=ckpt")
     with pytest.raises(ValueError, match=r"formulation=vp\) feeds its network other inputs.*allowed"):

@@ -23,3 +23,37 @@ def test_channels_last_features_equal_torch_fidelity(tmp_path):
     print(f"channels_last vs torch-fidelity pool3: max error {rel:.1e} of the largest feature")
     assert rel < 1e-5
     assert (b[0] - b[1]).abs().max() > 0.1 * b.abs().max()  # the features tell the images apart
+
+
+@pytest.mark.parametrize("shape,grey", [((6, 3, 8, 8), True), ((6, 3, 32, 32), False), ((2, 3, 28, 28), True),
+                                        ((2, 3, 320, 310), False), ((2, 1, 8, 8), False)])
+def test_separable_resize_is_torch_fidelitys_bit_for_bit(shape, grey):
+    """The faster TF1 resize gives exactly torch-fidelity's floats (up- and downsampling, grey and RGB)."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from lightning_diff.evaluation.metrics.extractor import separable_tf1_resize
+
+    images = (torch.rand(*shape, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    if grey:
+        images = images[:, :1].expand(-1, 3, -1, -1)
+    images = images.float()
+    theirs = interpolate_bilinear_2d_like_tensorflow1x(images, size=(299, 299), align_corners=False)
+    ours = separable_tf1_resize(images, size=(299, 299), align_corners=False)
+    assert torch.equal(ours, theirs) and ours.is_contiguous()
+    assert theirs[:, :, 1:].ne(theirs[:, :, :-1]).any()  # a real image, not a constant
+
+
+def test_extractor_with_the_separable_resize_gives_the_same_features_bit_for_bit(tmp_path):
+    """build_extractor's network (separable resize) against torch-fidelity's registered class with the same weights
+    in the same layout: equal features, grey digits and RGB images alike."""
+    name, path = resolve_inception_weights(fid_helper_weights_path(), tmp_path)
+    ours = build_extractor(name, ["2048"], path)
+    theirs = FEATURE_EXTRACTORS_REGISTRY[name](name, ["2048"], feature_extractor_weights_path=path)
+    theirs = theirs.to(memory_format=torch.channels_last).eval()
+    assert type(ours) is not type(theirs)
+    generator = torch.Generator().manual_seed(2)
+    grey = (torch.rand(2, 1, 8, 8, generator=generator) * 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    rgb = (torch.rand(2, 3, 16, 16, generator=generator) * 255).to(torch.uint8)
+    with torch.no_grad():
+        for images in (grey, rgb):
+            assert torch.equal(ours(images)[0], theirs(images)[0])

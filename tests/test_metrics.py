@@ -4,6 +4,7 @@ clear errors (offline, tiny image counts)."""
 
 from __future__ import annotations
 
+import math
 import urllib.error
 
 import numpy as np
@@ -258,6 +259,48 @@ def test_frechet_distance_closed_form_and_torch_fidelity_formula():
 
     expected = float(((mu_a - mu_b) ** 2).sum() + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum())
     assert frechet_distance(stats(mu_a, var_a), stats(mu_b, var_b)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_frechet_distance_in_n_dimensions_equals_the_closed_forms(swap):
+    """Fewer features than dimensions on a side (N = 40 < D = 128): the trace in N dimensions (eigvalsh of
+    C S_b C^T / (N - 1)) against two closed forms. (1) Commuting covariances: the sets ``+-t_i e_i`` (mean 0,
+    covariance diag(2 t_i^2 / (N - 1)) on 20 axes, 0 on the rest) and ``m +- u_j e_j`` on all 128 axes have
+    FID = |m|^2 + sum_i (sqrt(s_a,i) - sqrt(s_b,i))^2. (2) Random features against S_b = c I: tr (S_a S_b)^{1/2}
+    = sqrt(c) * (the singular values of C / sqrt(N - 1) summed), an SVD that takes no square root of round-off.
+    torch-fidelity's D-dimensional formula takes square roots of the round-off around its D - N + 1 zero
+    eigenvalues, so it agrees less closely (printed)."""
+    g = torch.Generator().manual_seed(3)
+    dim, k = 128, 20
+    t, u = torch.rand(k, generator=g, dtype=torch.float64) + 0.5, torch.rand(dim, generator=g, dtype=torch.float64)
+    a = torch.cat([torch.diag(t), -torch.diag(t)]) @ torch.eye(k, dim, dtype=torch.float64)
+    m = torch.rand(dim, generator=g, dtype=torch.float64)
+    b = torch.cat([torch.diag(u), -torch.diag(u)]) + m
+    var_a = torch.cat([2 * t**2 / (2 * k - 1), torch.zeros(dim - k, dtype=torch.float64)])
+    var_b = 2 * u**2 / (2 * dim - 1)
+    commuting = float((m**2).sum() + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum())
+    random = (torch.randn(40, dim, generator=g, dtype=torch.float64) * 0.5 + 0.1).float()  # float32, as pool3
+    c = 0.3
+    isotropic = torch.cat([torch.eye(dim), -torch.eye(dim)]).double() * math.sqrt(c * (2 * dim - 1) / 2) + m
+    centred = random.double() - random.double().mean(0)
+    singular = torch.linalg.svdvals(centred / math.sqrt(39)).sum()
+    cov_random = np.cov(random.double().numpy(), rowvar=False)
+    closed = float((random.double().mean(0) - m).square().sum() + np.trace(cov_random) + dim * c
+                   - 2 * math.sqrt(c) * singular)
+    for (first, second), expected in (((a, b), commuting), ((random, isotropic), closed)):
+        sa, sb = FeatureStats.of(first), FeatureStats.of(second)
+        if swap:
+            ours = frechet_distance(sb, sa, features_a=second, features_b=first)
+        else:
+            ours = frechet_distance(sa, sb, features_a=first, features_b=second)
+        theirs = fid_statistics_to_metric({"mu": sa.mean(), "sigma": sa.cov()}, {"mu": sb.mean(), "sigma": sb.cov()},
+                                          False)["frechet_inception_distance"]
+        print(f"closed form {expected:.15g}: N-dim route rel. error {abs(ours / expected - 1):.1e}, "
+              f"torch-fidelity's D-dim formula {abs(theirs / expected - 1):.1e}")
+        assert ours == pytest.approx(expected, rel=1e-9)
+        assert theirs == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="features of 39 images for statistics of 40"):
+        frechet_distance(sa, sb, features_a=first[:39])
 
 
 def test_to_uint8_rounds_like_edm():

@@ -102,8 +102,8 @@ def test_two_processes_equal_one(tmp_path):
     one = _evaluate(str(tmp_path))
     two = _spawn(tmp_path, full=True)
     assert one["best_seed_set"] == two["best_seed_set"]
-    for key in ("fid", "kid_mean", "kid_std"):
-        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    for key, rel in (("fid", 1e-5), ("kid_mean", 1e-5), ("kid_std", 1e-4)):  # the std of 100 subset MMDs, each a
+        assert two[key] == pytest.approx(one[key], rel=rel), key  # difference of large sums: 1.5e-5 seen on a CPU
     for a, b in zip(one["per_seed_set"], two["per_seed_set"], strict=True):
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-5)
     assert one["fid"] == min(s["fid"] for s in one["per_seed_set"]) > 1

@@ -238,7 +238,7 @@ def test_a_third_profile_tracked_in_training_equals_its_reconstruction(tmp_path)
     assert module.sample([0, 1], sampler={"name": "euler", "steps": 2}).isfinite().all()
     run = run_description(record["checkpoint"], module.run_config, step=40)
     assert run["sigma_rel"] == 0.075 and run["training_step"] == 40
-    assert "sigma_rel=0.075" in _options_text({"name": "heun"}, None, run["sigma_rel"])
+    assert "sigma_rel=0.075" in _options_text({"name": "heun"}, None, run)
     with pytest.raises(ValueError, match="weights=raw.*sigma_rel=0.075.*allowed: weights=ema"):
         load_module(record["checkpoint"], weights="raw")
 

@@ -25,7 +25,7 @@ def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(
     capsys.readouterr()
     trained("tiny", [*TINY[:-1], "trainer.max_steps=3"], tmp_path)
     assert "training " + str(tmp_path / "tiny") + " again from scratch: its overrides were" in capsys.readouterr().out
-    assert json.loads((tmp_path / "tiny" / "overrides.json").read_text())[-1] == "trainer.max_steps=3"  # retrained
+    assert json.loads((tmp_path / "tiny" / "overrides.json").read_text())["overrides"][-1] == "trainer.max_steps=3"
 
     module, datamodule = trained("tiny", TINY, tmp_path)
     sampler = {"name": "euler", "steps": 2}
@@ -41,6 +41,28 @@ def test_trained_runs_are_reused_by_their_overrides_and_evaluations_are_records(
     skipped = []
     board = build(collect([str(tmp_path)], skipped)[0], "fid", skipped=skipped)
     assert [sorted(row["nfe"] for row in group.rows) for group in board.groups] == [[2, 3]] and not board.skipped
+
+
+def test_a_preset_changed_under_the_same_overrides_is_trained_again(tmp_path, capsys, monkeypatch):
+    """The cache key is the composed config, not only the override list: ``experiment=edm_digits`` after an edit of
+    the preset's file is another model (before, the stale checkpoint was reused)."""
+    from lightning_diff.cli import reproduction
+
+    trained("tiny", TINY, tmp_path)
+    ckpt = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
+    written = ckpt.stat().st_mtime_ns
+    compose = reproduction.compose
+
+    def edited_preset(overrides, config_name):  # as if the preset's file now said another learning rate
+        cfg = compose(overrides, config_name)
+        cfg.optimizer.lr = cfg.optimizer.lr * 2
+        return cfg
+
+    monkeypatch.setattr(reproduction, "compose", edited_preset)
+    capsys.readouterr()
+    trained("tiny", TINY, tmp_path)
+    assert "again from scratch: its composed config differs" in capsys.readouterr().out
+    assert ckpt.stat().st_mtime_ns != written
 
 
 def test_markdown_table():

@@ -17,14 +17,17 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy.integrate import solve_ivp
 
 from lightning_diff.analytic import GaussianMixture
 from lightning_diff.cli.config_check import check_settings
+from lightning_diff.cli.renamed import rename_overrides
 from lightning_diff.cli.sample import sample as sample_command
 from lightning_diff.cli.tune_steps import summary, tune_steps
 from lightning_diff.config import compose
@@ -194,11 +197,21 @@ def test_the_command_tunes_a_checkpoint_and_sample_runs_on_its_file(digits_ckpt,
     assert len(content["model"]["fingerprint"]) == 64 and content["model"]["ckpt"] == digits_ckpt
     assert content["loss"]["tuning"]["tuned"] <= content["loss"]["tuning"]["initial"]
     assert "sample on it: lightning-diff sample" in summary(content, str(out))
-    cfg = compose_config("sample", [f"ckpt={digits_ckpt}", "sampler=euler", f"sampler.time_steps={{file:{out}}}",
-                                    "num_samples=2", f"out={tmp_path / 'samples'}"])
+    # the plain form on the command line (before, Hydra's struct mode refused it: the node is null by default)
+    overrides = rename_overrides("sample", [f"ckpt={digits_ckpt}", "sampler=euler", f"sampler.time_steps.file={out}",
+                                            "num_samples=2", f"out={tmp_path / 'samples'}"])
+    cfg = compose_config("sample", overrides)
+    assert OmegaConf.to_container(cfg.sampler.time_steps) == {"file": str(out)}
     check_settings(cfg, "sample")
-    line = sample_command(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the model it was tuned for: no warning
+        line = sample_command(cfg)
     assert "3 steps" in line and "NFE: 3" in line
+    # another model's weights (here the raw ones, not the EMA the grid was tuned on): used, with a warning
+    cfg = compose_config("sample", [*overrides, "weights=raw"])
+    with pytest.warns(UserWarning, match=r"grid.json was tuned for another model \(ckpt=.*weights=ema, formulation="
+                                         r"edm, fingerprint [0-9a-f]{12}\); sampling this one"):
+        sample_command(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -1,14 +1,14 @@
 """Optimised step schedules on 8x8 digits: tuned grids against EDM's time steps at NFE 5, 7 and 10 for Euler,
 DPM-Solver++(2M) and UniPC (docs/tune_steps.md).
 
-The model is the demo's (configs/experiment/edm_digits.yaml: the 0.7M-parameter U-Net, 2,000 steps): ``--ckpt``, else
-the newest ``make demo`` run under outputs/train/edm_digits, else the same recipe trained once into ``--out/runs``
-(``reproduction.trained``). For each sampler and NFE, ``tune_grid`` (what ``lightning-diff tune-steps`` runs, with its
-model record) tunes the grid on the tuning seeds 10^6 .. 10^6 + 63 from EDM's time steps (rho 7) and writes the grid
-file; the model is then sampled on that file (``sampler.time_steps={file: ...}``) and on EDM's time steps on the
-held-out seeds 0 .. N-1: Fréchet distance (``fd``) and KID in the small digits classifier's features
-(``reproduction.quality``, a record beside the model's checkpoint each), with the endpoint error against the Heun
-reference on the file's own 64 held-out seeds (10^6 + 64 ..).
+The model is the demo's (configs/experiment/edm_digits.yaml: the 0.7M-parameter U-Net, 2,000 steps): ``--ckpt``,
+else the same recipe trained from scratch once into ``--out/runs`` (``reproduction.trained``, reused by a rerun).
+For each sampler and NFE, ``tune_grid`` (what ``lightning-diff tune-steps`` runs, with its model record) tunes the
+grid on the tuning seeds 10^6 .. 10^6 + 63 from EDM's time steps (rho 7) and writes the grid file; the model is then
+sampled on that file (``sampler.time_steps={file: ...}``) and on EDM's time steps on the held-out seeds 0 .. N-1:
+Fréchet distance (``fd``) and KID in the small digits classifier's features (``reproduction.quality``, a record
+beside the model's checkpoint each), with the endpoint error against the Heun reference on the file's own 64
+held-out seeds (10^6 + 64 ..).
 
 Writes ``table.md``, ``results.json``, ``tune_steps.png`` and ``grids/<sampler>-nfe<N>.json`` into ``--out`` (and,
 without ``--quick``, copies them next to this script).
@@ -44,16 +44,14 @@ from lightning_diff.sampling.tuned_grid import REFERENCE_SAMPLER, tune_grid  # n
 from lightning_diff.training.builders import build_datamodule, load_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEMO_RUNS = Path("outputs/train/edm_digits")  # where make demo writes its runs
 SAMPLERS = ("euler", "dpmpp_2m", "unipc")
 NFES = (5, 7, 10)
 TUNING_SEED, NUM_SEEDS = 1_000_000, 64  # tune-steps' defaults: apart from the held-out seeds 0 .. N-1
 
 
 def model(args):
-    """``(module, datamodule, ckpt)``: ``--ckpt``, the newest demo run, or the demo's recipe trained here."""
-    demos = sorted(DEMO_RUNS.glob("*/checkpoints/last.ckpt"))
-    ckpt = args.ckpt or (None if args.quick or not demos else str(demos[-1]))
+    """``(module, datamodule, ckpt)``: ``--ckpt``, else the demo's recipe trained here (cached under ``--out``)."""
+    ckpt = args.ckpt
     if ckpt is None:
         overrides = ["experiment=edm_digits", *(QUICK_TRAINING if args.quick else ())]
         module, data = trained("edm_digits" + ("_quick" if args.quick else ""), overrides, Path(args.out) / "runs")
@@ -112,7 +110,7 @@ def main() -> None:
     parser = argument_parser(__doc__, "tune_steps")
     parser.add_argument("--num-samples", type=int, default=1024, help="held-out samples per grid (seeds 0..N-1)")
     parser.add_argument("--max-evals", type=int, default=120, help="evaluations of the objective per tuning")
-    parser.add_argument("--ckpt", default=None, help="the model (default: the newest demo run, else trained here)")
+    parser.add_argument("--ckpt", default=None, help="the model (default: the demo's recipe, trained here)")
     args = parser.parse_args()
     quick = args.quick
     num_samples, max_evals = (32, 4) if quick else (args.num_samples, args.max_evals)
@@ -142,7 +140,7 @@ def main() -> None:
                   f"({time.time() - start:.0f} s)", flush=True)
     text = (f"The demo's EDM model on digits ({ckpt}); grids tuned on {seeds} tuning seeds with {max_evals} "
             f"evaluations of the objective each (Heun reference, {rows[0]['reference_steps']} steps), scored on "
-            f"held-out seeds 0..{num_samples - 1}: fd, Fréchet distance, and kid (x 1000), in the small digits "
+            f"held-out seeds 0..{num_samples - 1}: fd, Fréchet distance, and kid, kernel distance, in the small digits "
             f"classifier's features (lower better), and the endpoint MSE against the reference on {seeds} other "
             f"held-out seeds.\n\n{table(rows)}")
     write_results(out, text, {"rows": rows, "args": vars(args), "model": record, "wall_time_s": time.time() - start},

@@ -244,6 +244,8 @@ def _rules() -> dict[str, dict[str, Rule]]:
         "posthoc-ema": {"ckpt_dir": text, "out": Rule(lambda v: v is None or isinstance(v, str), "null or a folder"),
                         "sigma_rel": Rule(_sigma_rels, f"a number in (0, {SIGMA_REL_MAX:.4f}) or a non-empty list of "
                                                        "them (a power-function EMA profile's relative std)")},
+        "reference": {**pick("device"), "progress": boolean, "metrics.reference": text,
+                      "metrics.reference_num_images": integer(1, null=True), "metrics.batch_size": integer(1)},
         "tune-steps": {**pick("seed", "weights", "device", "pretrained.format", "pretrained.sha256"), "out": text,
                        "nfe": integer(2, MAX_TUNED_NFE, note=" (network evaluations per sample)"),
                        "num_seeds": integer(1), "heldout_seeds": integer(0, note=" (0: none)"),

@@ -106,11 +106,12 @@ def _checkpoint(cfg: DictConfig, init: str, loaded: DiffusionModule | None, mode
         run_config = OmegaConf.to_container(cfg, resolve=True)
     elif "pretrained" not in (loaded.run_config or {}):
         run_config = copy.deepcopy(loaded.run_config)
-        run_config.update(settings, consistency=record, paths=OmegaConf.to_container(cfg.paths, resolve=True))
+        run_config.update(settings, paths=OmegaConf.to_container(cfg.paths, resolve=True))
         run_config["module"]["sampler"] = settings["sampler"]
     else:
         return {"model": model.state_dict(), "formulation": settings["formulation"], "ckpt": str(cfg.ckpt),
                 "consistency": record}
+    run_config["consistency"] = record  # what records and the leaderboard's options column name (mode cd / ct)
     run_config["own_sampler"] = settings["sampler"]  # sample/evaluate's default (SamplerSettings.of_run)
     transform = datamodule.transform if loaded is None else loaded.data_transform
     module = DiffusionModule(None, None, denoiser=model, conditional=conditional, sampler=settings["sampler"],

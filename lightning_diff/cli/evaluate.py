@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
         vlb_sigmas(require_discrete(module.formulation), cfg.metrics.vlb.steps, cfg.metrics.vlb.spacing)
     # null: the checkpoint's own
     sampler, guidance = SamplerSettings.of_run(module.run_config, cfg.sampler, cfg.guidance)
-    sampler = sampler.check(module.formulation)
+    sampler = sampler.check(module.formulation, denoiser=module.denoiser)  # a tuned grid of another model: warned
     datamodule = _datamodule(cfg, module, names)
     options = {m: OmegaConf.to_container(cfg.metrics[m], resolve=True) for m in names}
     results, protocol = {}, {"weights": module.weights}

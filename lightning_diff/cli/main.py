@@ -1,6 +1,6 @@
 """The ``lightning-diff`` console script: ``lightning-diff <command> [hydra overrides]`` with the commands of
 ``COMMANDS`` (train, sample, evaluate, train-classifier, leaderboard, reflow, distill,
-consistency, posthoc-ema, tune-steps).
+consistency, posthoc-ema, tune-steps, reference).
 
 ``lightning-diff --help`` lists the commands; ``lightning-diff <command> --help`` shows the command's main
 settings (the ``hydra.help`` template of its config) without importing torch or the command's module, so help
@@ -37,6 +37,8 @@ COMMANDS = {  # command -> (entry-point module, one line of help); its config is
                                                       "snapshots (configs/posthoc-ema.yaml)"),
     "tune-steps": ("lightning_diff.cli.tune_steps", "the sigma grid of a sampler at an NFE budget, tuned for a model "
                                                     "(configs/tune-steps.yaml)"),
+    "reference": ("lightning_diff.cli.reference", "a data split's reference statistics (FID/KID), computed once and "
+                                                  "cached for evaluate (configs/reference.yaml)"),
 }
 
 

@@ -6,6 +6,8 @@ old key can come from, each mapped to the new key with one ``FutureWarning`` nam
 - config files (``rename_config``, run by ``config_check.check_command`` on the composed config before the check: a
   user's experiment file or ``--config-dir`` that still sets ``ckpt_path:``).
 
+The command-line pass also opens ``sampler.time_steps.<key>=...`` (null in every sampler file) for Hydra.
+
 The words: ``ckpt`` the checkpoint a command reads; ``num_samples`` how many samples it generates (``num_images``
 stays for counts of a data split's images); ``num_timesteps`` a formulation's number of discrete noise levels (its
 classes take the old keywords too: ``aliases.renamed_keywords``).
@@ -35,6 +37,7 @@ RENAMED = {  # config name -> {old key: new key}
     "distill": {"teacher": "ckpt", "quality_seeds": "quality_samples"},
 }
 COMMANDS = {"classifier": "train-classifier"}  # config name -> command, where they differ (config_check's too)
+_TIME_STEPS = re.compile(r"(module\.)?sampler\.time_steps\.\w+$")  # keys under a node that is null by default
 _OVERRIDE = re.compile(r"(?P<prefix>~|\+\+|\+)?(?P<key>[\w.]+)(?P<rest>=.*)?", re.DOTALL)  # Hydra's key=value
 
 
@@ -52,7 +55,11 @@ def _warn(old: str, new: str, config_name: str) -> None:
 
 def rename_overrides(config_name: str, overrides: Sequence[str]) -> list[str]:
     """``overrides`` (Hydra's ``[+|++|~]key[=value]`` strings, flags untouched) with each old key of ``RENAMED``
-    replaced by its new key, warning once per old key used."""
+    replaced by its new key, warning once per old key used.
+    A key under ``sampler.time_steps`` (``module.sampler.time_steps`` in train) set without a prefix gets ``++``:
+    the node is null in every sampler file, and Hydra's struct mode would refuse ``sampler.time_steps.file=grid.json``
+    although it means ``sampler.time_steps={file: grid.json}`` (the check after composing still refuses a key that
+    is not a time-steps setting, by name)."""
     renamed = []
     for override in overrides:
         match = _OVERRIDE.fullmatch(override)
@@ -60,6 +67,8 @@ def rename_overrides(config_name: str, overrides: Sequence[str]) -> list[str]:
         if new:
             _warn(match["key"], new, config_name)
             override = f"{match['prefix'] or ''}{new}{match['rest'] or ''}"
+        elif match and match["prefix"] is None and match["rest"] and _TIME_STEPS.match(match["key"]):
+            override = "++" + override
         renamed.append(override)
     return renamed
 

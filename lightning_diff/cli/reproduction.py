@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
 from ..aliases import renamed_keywords
@@ -74,24 +75,31 @@ def argument_parser(doc: str, name: str, *, models: bool = False) -> argparse.Ar
 def trained(name: str, overrides: Sequence[str], root: str | Path, *, weights: str = "ema"):
     """Train ``lightning-diff train <overrides>`` into ``<root>/<name>`` once and return ``(module, datamodule)``.
 
-    The run is reused when ``<root>/<name>/overrides.json`` (written after a finished run) lists the same
-    overrides and its ``checkpoints/last.ckpt`` exists; otherwise the folder is emptied (no other model's
-    checkpoints or records survive; a line says what was thrown away and why) and the run trained from scratch
-    (seeded, so identical on rerun at the same ``--threads``).
+    The run is reused when ``<root>/<name>/overrides.json`` (written after a finished run) holds the same
+    overrides and the same composed config (a preset changed under the same overrides, e.g. ``experiment=edm_digits``
+    after an edit of its file, is another model) and its ``checkpoints/last.ckpt`` exists; otherwise the folder is
+    emptied (no other model's checkpoints or records survive; a line says what was thrown away and why) and the run
+    trained from scratch (seeded, so identical on rerun at the same ``--threads``).
     ``weights``: ``"ema"`` or ``"raw"``, as ``builders.load_module``.
     """
     run_dir = Path(root) / name
     overrides = [*QUIET_TRAINING, *overrides]
     stamp, ckpt = run_dir / "overrides.json", run_dir / "checkpoints" / "last.ckpt"
     cfg = compose([*overrides, f"paths.output_dir={run_dir}"], "train")
-    if not (stamp.is_file() and ckpt.is_file() and json.loads(stamp.read_text()) == overrides):
+    settings = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    settings.pop("run_name", None), (settings.get("logger") or {}).pop("name", None)  # time-stamped names
+    wanted = {"overrides": overrides, "config": settings}
+    found = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if not (found == wanted and ckpt.is_file()):
         if run_dir.exists():  # never silently: say what is thrown away and why
-            why = (f"its overrides were {json.loads(stamp.read_text())}" if stamp.is_file()
-                   else "it did not finish (no overrides.json)")
+            why = ("it did not finish (no overrides.json)" if found is None else
+                   f"its overrides were {found.get('overrides') if isinstance(found, dict) else found}"
+                   if not isinstance(found, dict) or found.get("overrides") != overrides
+                   else "its composed config differs (a preset's file changed)")
             print(f"reproduction: training {run_dir} again from scratch: {why}; now {overrides}", flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)  # another model's checkpoints and records must not survive
         ckpt = Path(train(cfg)["checkpoint"])
-        stamp.write_text(json.dumps(overrides, indent=1))
+        stamp.write_text(json.dumps(wanted, indent=1))
     return load_module(str(ckpt), weights=weights).eval(), build_datamodule(cfg)
 
 

@@ -24,6 +24,7 @@ from ..methods.classifier import classifier_from_config
 from ..sampling import SamplerSettings
 from ..training.builders import load_module, pretrained_flags, resolve_device
 from .config_check import check_command
+from .renamed import accepts_renamed_keys
 
 __all__ = ["main", "sample"]
 
@@ -37,7 +38,8 @@ def sample(cfg: DictConfig) -> str:
     module = module.to(resolve_device(cfg.device))
     # null: the checkpoint's own
     sampler, guidance = SamplerSettings.of_run(module.run_config, cfg.sampler, cfg.guidance)
-    sampler = with_moments(sampler, module, **cfg.analytic_dpm).check(module.formulation)  # ddpm variance=analytic
+    sampler = with_moments(sampler, module, **cfg.analytic_dpm)  # ddpm variance=analytic
+    sampler = sampler.check(module.formulation, denoiser=module.denoiser)  # a tuned grid of another model: warned
     seeds = range(cfg.seed, cfg.seed + cfg.num_samples)
     classifier, scale = classifier_from_config(cfg.classifier, module.formulation)  # classifier guidance
     samples, labels, stats = generate(module, seeds, sampler=sampler, guidance=guidance,
@@ -52,6 +54,7 @@ def sample(cfg: DictConfig) -> str:
             f"{rate:.1f} images/s)")
 
 
+@accepts_renamed_keys("sample")  # sampler.time_steps.<key>=... without a '+'
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     check_command(cfg, "sample")  # every '+key' read, numbers and choices valid: before any work

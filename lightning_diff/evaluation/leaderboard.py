@@ -198,16 +198,18 @@ def _value_text(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _options_text(sampler: Mapping, labels: str | None = None, sigma_rel: float | None = None) -> str:
+def _options_text(sampler: Mapping, labels: str | None = None, run: Mapping | None = None) -> str:
     """``eta=0.2, guidance=2``: the sampler's options, the guidance (kind, scale, interval) when not 1, the class
     labels of a conditional model, a DDPM sub-sequence's ``spacing``, time steps other than the formulation's (what
-    tells two runs of one sampler at one NFE apart) and the post-hoc EMA length ``sigma_rel`` of the weights; empty
-    when there are none."""
+    tells two runs of one sampler at one NFE apart), and from the record's ``run``: the post-hoc EMA length
+    ``sigma_rel`` of the weights and the ``consistency`` mode (cd / ct) of a consistency model; empty when there are
+    none."""
     options = {**(sampler.get("options") or {}), **guidance_options(sampler)}
     if labels:
         options["labels"] = labels
-    if sigma_rel is not None:
-        options["sigma_rel"] = sigma_rel
+    for key in ("sigma_rel", "consistency"):
+        if (run or {}).get(key) is not None:
+            options[key] = run[key]
     if sampler.get("spacing"):
         options["spacing"] = sampler["spacing"]
     if sampler.get("time_steps"):
@@ -238,7 +240,7 @@ def _row(record: Mapping, metric: str) -> dict:
     nfe = samples.get("nfe") if metric not in _LIKELIHOOD else record["protocol"][_LIKELIHOOD[metric]].get("nfe")
     return {"rank": None, "name": run.get("name") or Path(str(run.get("dir"))).name, "kind": record["kind"],
             "formulation": run.get("formulation"), "sampler": sampler.get("name"),
-            "options": _options_text(sampler, samples.get("labels"), run.get("sigma_rel")),
+            "options": _options_text(sampler, samples.get("labels"), run),
             "steps": sampler.get("steps"),
             "nfe": nfe, "weights": record["protocol"].get("weights"), "guidance": sampler.get("guidance"),
             "metric": metric, "value": record["metrics"][metric], "mean": spread.get("mean"),

@@ -121,8 +121,9 @@ def run_description(checkpoint: str | Path | None, run_config: Mapping | None, s
                     name: str | None = None) -> dict:
     """What a record measured: the checkpoint, its run folder, name, experiment, formulation, network, data, and
     the training step and images seen (step x data.batch_size x trainer.devices x num_nodes x
-    accumulate_grad_batches, each 1 when unset; None when one is not an integer, e.g. ``devices: auto``), and the
-    EMA length ``sigma_rel`` of a ``lightning-diff posthoc-ema`` checkpoint (None otherwise)."""
+    accumulate_grad_batches, each 1 when unset; None when one is not an integer, e.g. ``devices: auto``), the
+    EMA length ``sigma_rel`` of a ``lightning-diff posthoc-ema`` checkpoint and the ``consistency`` mode (``cd``
+    or ``ct``) of a ``lightning-diff consistency`` model (None otherwise)."""
     cfg = dict(run_config or {})
     checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
     folder = None if checkpoint is None else checkpoint.parent
@@ -140,7 +141,8 @@ def run_description(checkpoint: str | Path | None, run_config: Mapping | None, s
             "formulation": _short(cfg.get("formulation")) or (released or {}).get("format"),
             "network": _short(cfg.get("network")), "data": _short(cfg.get("data")),
             "training_step": step, "training_images": images,
-            "sigma_rel": (cfg.get("posthoc_ema") or {}).get("sigma_rel")}
+            "sigma_rel": (cfg.get("posthoc_ema") or {}).get("sigma_rel"),
+            "consistency": (cfg.get("consistency") or {}).get("mode")}
 
 
 def make_record(metrics: Mapping, protocol: Mapping, config: Mapping, *, kind: str, run: Mapping,

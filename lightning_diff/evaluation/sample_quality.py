@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .metrics.extractor import INCEPTION_WEIGHTS_FILE
 from .progress import progress_bar
 from .splits import reference_tag, split_batch, split_view
 
-__all__ = ["SAMPLE_METRICS", "METRIC_OPTIONS", "default_inception_weights", "sample_quality"]
+__all__ = ["SAMPLE_METRICS", "METRIC_OPTIONS", "default_inception_weights", "reference_statistics", "sample_quality"]
 
 SAMPLE_METRICS = ("fid", "is", "kid", "pr")  # scored on generated images (lightning_diff.evaluation.metrics)
 METRIC_OPTIONS = {  # the settings of each metric (configs/metrics/<name>.yaml)
@@ -58,6 +59,36 @@ def default_inception_weights(inception_weights, metrics: Sequence[str]):
         return inception_weights
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     return None if cached.is_file() or "is" in metrics else str(fid_helper_weights_path())
+
+
+def reference_statistics(datamodule, reference: str, metrics: Sequence[str], *, reference_num_images: int | None = None,
+                         inception_weights="auto", batch_size: int = 64, device=None, cache_dir=None,
+                         feature_extractor: str | None = None, bar=None) -> tuple[str, bool]:
+    """The statistics of split ``reference`` (``train``, ``val``, ``test``; its first ``reference_num_images``
+    images when given) of ``datamodule`` in the cache, computed now unless an entry serving ``metrics`` is there
+    (``metrics.cache_reference``): what ``evaluate`` reads, and what ``lightning-diff reference`` computes ahead
+    (e.g. at install, or once before a sweep of evaluate jobs). ``bar``: a ``progress.progress_bar`` to advance.
+    Returns ``(cache key, whether it was cached before)``."""
+    dataset, split, count = split_view(datamodule, reference)
+    limited = reference_num_images is not None and reference_num_images < count
+    count = reference_num_images if limited else count
+    transform, read = datamodule.transform, []
+    with progress_bar(False) if bar is None else contextlib.nullcontext(bar) as bar:
+        task = bar.add_task(f"reference statistics ({split} split)", total=count)
+
+        def reference_batch(a: int, b: int) -> torch.Tensor:
+            read.append(b - a)
+            bar.advance(task, b - a)
+            return split_batch(dataset, transform, a, b)[0]
+
+        key = cache_reference(ImageSource(count, reference_batch), dataset=datamodule.name,
+                              split=reference_tag(datamodule, split, count, limited),
+                              resolution=int(datamodule.data_shape[-1]),
+                              inception_weights=default_inception_weights(inception_weights, metrics),
+                              metrics=metrics, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                              feature_extractor=feature_extractor)
+        bar.remove_task(task)
+    return key, not read
 
 
 @renamed_keywords(num_images="num_samples")
@@ -118,24 +149,10 @@ def sample_quality(module, datamodule, metrics: Sequence[str], *, num_samples: i
         if published and "fid" in metrics:
             key, reference_cached = load_published_reference(reference), True
         elif {"fid", "kid", "pr"} & set(metrics):
-            dataset, split, count = split_view(datamodule, reference)
-            limited = reference_num_images is not None and reference_num_images < count
-            count = reference_num_images if limited else count
-            task = bar.add_task(f"reference statistics ({split} split)", total=count)
-            read = []
-
-            def reference_batch(a: int, b: int) -> torch.Tensor:
-                read.append(b - a)
-                bar.advance(task, b - a)
-                return split_batch(dataset, transform, a, b)[0]
-
-            key = cache_reference(ImageSource(count, reference_batch), dataset=datamodule.name,
-                                  split=reference_tag(datamodule, split, count, limited),
-                                  resolution=int(datamodule.data_shape[-1]), inception_weights=weights_arg,
-                                  metrics=metrics, batch_size=batch_size,
-                                  device=device, cache_dir=cache_dir, feature_extractor=feature_extractor)
-            reference_cached = not read
-            bar.remove_task(task)
+            key, reference_cached = reference_statistics(
+                datamodule, reference, metrics, reference_num_images=reference_num_images,
+                inception_weights=weights_arg, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                feature_extractor=feature_extractor, bar=bar)
         extractors = Extractors.build(metrics, weights_arg, options.get("pr", {}).get("vgg16_weights"), device,
                                       cache_dir, feature_extractor)
         task = bar.add_task(f"sampling ({sampler.name}, {sampler_record['steps']} steps)",

@@ -22,7 +22,7 @@ import torch
 from ..checkpoint_io import atomic_write
 
 __all__ = ["GRID_FORMAT", "EXPLICIT_FORMS", "checked_sigmas", "explicit_grid", "grid_key", "read_grid_file",
-           "write_grid_file"]
+           "warn_if_tuned_for_another_model", "write_grid_file"]
 
 GRID_FORMAT = "lightning-diff tune-steps grid, version 1"  # the file's "format" entry
 EXPLICIT_FORMS = ("sigmas", "file")  # sampler.time_steps keys that give the grid itself
@@ -106,3 +106,22 @@ def explicit_grid(time_steps: Mapping, sampler: str) -> tuple[torch.Tensor, dict
                       f"sampler={sampler} on it", UserWarning, stacklevel=4)  # the caller of SamplerSettings(...)
     grid = checked_sigmas(content["sigmas"], f"sampler.time_steps.file={path}: sigmas")
     return grid, {"sigmas": grid.tolist(), "file": str(path), "key": content["key"]}
+
+
+def warn_if_tuned_for_another_model(time_steps: Mapping | None, denoiser: torch.nn.Module, formulation: str) -> None:
+    """A UserWarning when ``time_steps`` is a tune-steps file (``{"file": path}``) tuned for another model than
+    ``denoiser`` under ``formulation`` (a formulation's name): its ``model`` entry names another formulation or
+    another fingerprint of the weights (``analytic_dpm.fingerprint``: the weights actually loaded, EMA or raw). The
+    grid is still used: a grid tuned on one model often serves a close one, but the record would not say so."""
+    if not time_steps or "file" not in time_steps:
+        return
+    from .analytic_dpm import fingerprint  # the tune-steps file's fingerprint of the weights
+
+    path = time_steps["file"]
+    model = read_grid_file(path).get("model") or {}
+    found = fingerprint(denoiser, torch.zeros(0), {})
+    if model.get("formulation") != formulation or model.get("fingerprint") != found:
+        warnings.warn(f"sampler.time_steps.file={path} was tuned for another model (ckpt={model.get('ckpt')}, "
+                      f"weights={model.get('weights')}, formulation={model.get('formulation')}, fingerprint "
+                      f"{str(model.get('fingerprint'))[:12]}); sampling this one (formulation={formulation}, "
+                      f"fingerprint {found[:12]}) on it", UserWarning, stacklevel=3)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..formulations import Formulation
 from ..formulations.schedules import karras_sigmas
 from . import registry
-from .grid_file import ALLOWED_FORMS, explicit_grid
+from .grid_file import ALLOWED_FORMS, explicit_grid, warn_if_tuned_for_another_model
 from .guidance import Guidance
 from .noise import PerSampleGenerator, initial_labels, initial_noise
 
@@ -154,14 +154,18 @@ class SamplerSettings:
             options["formulation"] = formulation
         return options
 
-    def check(self, formulation: Formulation, max_growth: float = 10.0) -> SamplerSettings:
+    def check(self, formulation: Formulation, max_growth: float = 10.0, *,
+              denoiser: torch.nn.Module | None = None) -> SamplerSettings:
         """This setting, after checking that it runs on ``formulation``, so that a bad setting fails at config
         time and not when training ends: its grid exists, the sampler accepts its options, and it does not diverge
         on the exact denoiser of data ``N(0, sigma_data^2)``: one 1-D sample starting at ``x = sigmas[0]`` (seed 0)
         must end finite and within ``max_growth`` times the largest noise envelope ``sqrt(sigma_data^2 +
         sigmas[0]^2)`` (few steps may land far from the data, but not beyond where they started). E.g. annealed
         Langevin's ``step_size`` 2e-5 diverges on EDM's grid, whose sigma_min = 0.002 makes its steps
-        ``2e-5 sigma_i^2 / sigma_min^2`` too long. Raises ValueError naming the setting."""
+        ``2e-5 sigma_i^2 / sigma_min^2`` too long. Raises ValueError naming the setting. With the model's
+        ``denoiser``: a UserWarning when a tune-steps file was tuned for another model (``grid_file``)."""
+        if denoiser is not None:
+            warn_if_tuned_for_another_model(self.time_steps, denoiser, formulation.name)
         sigmas = self.sigmas(formulation)
         denoiser = _GaussianDataDenoiser(formulation)
         x = torch.full((1, 1), float(sigmas[0]))

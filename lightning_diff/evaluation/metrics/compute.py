@@ -142,7 +142,7 @@ def resolve_extractor(feature_extractor, inception_weights, cache_dir) -> tuple[
 @dataclass
 class _Features:
     stats: FeatureStats  # pool3 moments, all-reduced
-    pool3: torch.Tensor | None  # gathered, when KID needs them
+    pool3: torch.Tensor | None  # gathered, when KID needs them or there are fewer images than dimensions
     logits: torch.Tensor | None  # gathered, for IS
     vgg16: torch.Tensor | None  # gathered, for precision/recall
 
@@ -158,8 +158,12 @@ def _extract(
     setting: str,
     device,
 ) -> _Features:
-    """Run this rank's block of ``source`` through the extractors; reduce and gather across ranks."""
+    """Run this rank's block of ``source`` through the extractors; reduce and gather across ranks. The FID
+    features are also gathered (without ``keep_pool3``) when there are fewer images than feature dimensions in all:
+    ``frechet_distance`` then takes its trace in that many dimensions, not ``D``. The decision rests on the
+    all-reduced count, the same on every rank, so every rank joins the same collectives."""
     rows = range(source.length) if source.sharded else shard(source.length)
+    local_features = keep_pool3 or len(rows) < ex.dim
     stats, pool3, logits, vgg = FeatureStats.empty(ex.dim), [], [], []
     for start in range(rows.start, rows.stop, batch_size):
         images = _check_images(
@@ -169,7 +173,7 @@ def _extract(
         if ex.inception is not None:
             out = ex.inception.convert_features_tuple_to_dict(ex.inception(images))
             stats.update(out[ex.feature])
-            if keep_pool3:
+            if local_features:
                 pool3.append(out[ex.feature].cpu())
             if keep_logits:
                 logits.append(out[ex.logits].cpu())
@@ -181,9 +185,10 @@ def _extract(
             return None
         return all_gather_rows(torch.cat(chunks) if chunks else torch.zeros(0, dim))
 
+    stats = stats.all_reduce()
     return _Features(
-        stats.all_reduce(),
-        gather(pool3, keep_pool3, ex.dim),
+        stats,
+        gather(pool3, ex.inception is not None and (keep_pool3 or stats.count < ex.dim), ex.dim),
         gather(logits, keep_logits, 1008),
         gather(vgg, ex.vgg16 is not None, 4096),
     )
@@ -212,7 +217,8 @@ def extract_reference(
         setting="reference",
         device=device,
     )
-    return ReferenceStats(feats.stats, ex.inception_id, feats.pool3, feats.vgg16, {"num_images": src.length})
+    pool3 = feats.pool3 if keep_features else None  # an entry keeps features only when built for KID / PR
+    return ReferenceStats(feats.stats, ex.inception_id, pool3, feats.vgg16, {"num_images": src.length})
 
 
 def cache_reference(
@@ -350,7 +356,8 @@ def compute_metrics(
 
     results: dict[str, float] = {}
     if "fid" in metrics:
-        results["fid"] = frechet_distance(gen.stats, ref.stats, fid_method)
+        results["fid"] = frechet_distance(gen.stats, ref.stats, fid_method, features_a=gen.pool3,
+                                          features_b=ref.pool3)
     if "is" in metrics:
         out = isc_features_to_metric(gen.logits, isc_splits, True, rng_seed)
         results.update(is_mean=out["inception_score_mean"], is_std=out["inception_score_std"])

@@ -23,6 +23,7 @@ layer of the TorchScript, which is then refused by name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ...checkpoint_io import atomic_write, default_cache_dir
@@ -202,10 +205,79 @@ def resolve_inception_weights(
     return POOL3_EXTRACTOR, str(converted)
 
 
+def separable_tf1_resize(images: torch.Tensor, size=None, scale_factor=None, align_corners=None,
+                         method: str = "slow") -> torch.Tensor:
+    """torch-fidelity's TF1 bilinear resize (``interpolate_bilinear_2d_like_tensorflow1x``, ``method="slow"``,
+    ``align_corners=False``), bit for bit, with less work: the same lerps in x, then in y, of the same values, but
+    the x-lerp runs once per input row (``[N, C, H_in, 299]``) instead of once per output row, and images whose
+    three channels are equal (grey digits replicated to RGB) are resized once, not three times.
+
+    Written here because no library has it: torch-fidelity's resample gathers four ``[N, C, 299, 299]`` corner
+    tensors (7% of an 8x8 digit's Inception forward on a CPU, benchmarks/README.md). The index and weight
+    arithmetic is the library's, in float32, so every output is the same IEEE operations on the same operands
+    (``tests/test_extractor_layout.py`` checks ``torch.equal`` with the library on grey and RGB images).
+    Other calls (``scale_factor``, ``align_corners=True``, ``method="fast"``) go to the library's function.
+
+    Args:
+        images: float ``[N, C, H, W]``. size: ``(H_out, W_out)``.
+    Returns:
+        float ``[N, C, H_out, W_out]``, contiguous (as the library's).
+    """
+    if size is None or scale_factor is not None or align_corners or method != "slow" or images.dim() != 4:
+        return interpolate_bilinear_2d_like_tensorflow1x(images, size=size, scale_factor=scale_factor,
+                                                         align_corners=align_corners, method=method)
+    channels = images.shape[1]
+    grey = channels > 1 and bool((images[:, 1:] == images[:, :1]).all())
+    source = images[:, :1] if grey else images
+
+    def grid(in_size: int, out_size: int):  # the library's: arange * float32(in / out), floor, clamp, fraction
+        position = torch.arange(0, out_size, 1, dtype=images.dtype, device=images.device)
+        position = position * torch.tensor(in_size / out_size, dtype=torch.float32)
+        lo = position.long()
+        return lo, (lo + 1).clamp_max(in_size - 1), position - lo.float()
+
+    x_lo, x_hi, dx = grid(images.shape[3], size[1])
+    y_lo, y_hi, dy = grid(images.shape[2], size[0])
+    left = source[:, :, :, x_lo]
+    rows = left + (source[:, :, :, x_hi] - left) * dx.view(1, 1, 1, size[1])  # [N, C, H_in, W_out]
+    top = rows[:, :, y_lo, :]
+    out = top + (rows[:, :, y_hi, :] - top) * dy.view(1, 1, size[0], 1)
+    return out.expand(-1, channels, -1, -1).contiguous() if grey else out
+
+
+@contextlib.contextmanager
+def _separable_resize():
+    """torch-fidelity's Inception forward with :func:`separable_tf1_resize` as its resize (the module global its
+    forward looks up), for the duration of the call. The function is bit-identical to the library's, so another
+    thread running the library's own extractor meanwhile gets the same features."""
+    original = tf_inception.interpolate_bilinear_2d_like_tensorflow1x
+    tf_inception.interpolate_bilinear_2d_like_tensorflow1x = separable_tf1_resize
+    try:
+        yield
+    finally:
+        tf_inception.interpolate_bilinear_2d_like_tensorflow1x = original
+
+
+class _SeparableResize:
+    """Mixin: a torch-fidelity Inception whose forward resizes with :func:`separable_tf1_resize`."""
+
+    def forward(self, x):
+        with _separable_resize():
+            return super().forward(x)
+
+
+class InceptionV3(_SeparableResize, FeatureExtractorInceptionV3):
+    """torch-fidelity's ``inception-v3-compat`` (pool3 and logits) with the resize of :func:`separable_tf1_resize`:
+    the same features, bit for bit, faster. ``build_extractor`` builds it; torch-fidelity's registry keeps the
+    library's own class (what ``torch_fidelity.calculate_metrics`` and the benchmarks' baseline run)."""
+
+
 class InceptionPool3(FeatureExtractorInceptionV3):
     """torch-fidelity's Inception-v3 without its logits layer: serves pool3 (and the earlier pools) only.
 
-    The state dict must hold every tensor of ``inception-v3-compat`` except ``fc.*`` (checked here).
+    The state dict must hold every tensor of ``inception-v3-compat`` except ``fc.*`` (checked here). Registered
+    with torch-fidelity under :data:`POOL3_EXTRACTOR` as it is (the library's forward); ``build_extractor`` builds
+    :class:`InceptionPool3Separable` (the faster resize, the same features).
     """
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -233,8 +305,14 @@ class InceptionPool3(FeatureExtractorInceptionV3):
         )
 
 
+class InceptionPool3Separable(_SeparableResize, InceptionPool3):
+    """:class:`InceptionPool3` with the resize of :func:`separable_tf1_resize` (bit-identical features)."""
+
+
 if POOL3_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     torch_fidelity.register_feature_extractor(POOL3_EXTRACTOR, InceptionPool3)
+# What build_extractor builds for torch-fidelity's Inception names: the same networks with the faster resize.
+_SEPARABLE = {INCEPTION_EXTRACTOR: InceptionV3, POOL3_EXTRACTOR: InceptionPool3Separable}
 
 
 def _missing_download(kind: str, file: str, setting: str, err: Exception) -> RuntimeError:
@@ -250,7 +328,7 @@ def build_extractor(name: str, features: list[str], weights_path: str | None, de
 
     Raises ``RuntimeError`` naming the file to pass when the weights cannot be downloaded.
     """
-    cls = FEATURE_EXTRACTORS_REGISTRY[name]
+    cls = _SEPARABLE.get(name) or FEATURE_EXTRACTORS_REGISTRY[name]
     try:
         extractor = cls(name, features, feature_extractor_weights_path=weights_path, verbose=False)
     except (OSError, RuntimeError) as err:  # URLError is an OSError: no internet and no cached file.
