@@ -36,7 +36,11 @@ ROWS = {
         ("later evaluate wall / 60 s (every core)", r"^later evaluate wall: .*: " + X, "<= 1"),
     ],
     "cli_help.py": [("lightning-diff <command> --help vs the module's own (wall)", r"geometric mean .*: " + X, ">= 5")],
-    "metrics.py": [("FID throughput vs torch-fidelity calculate_metrics", r"ratio " + X, ">= 1.5")],
+    "metrics.py": [("FID throughput vs torch-fidelity calculate_metrics", r"^FID on .*ratio " + X, ">= 1.5"),
+                   ("Inception features vs torch-fidelity (32x32 RGB)", r"^Inception features, .* RGB .*ratio " + X,
+                    ">= 1.5"),
+                   ("Inception features vs torch-fidelity (8x8 grey)", r"^Inception features, .* grey .*ratio " + X,
+                    ">= 1.5")],
     "sampling_speed.py": [
         ("heun float64 (default) vs k-diffusion sample_heun", r"ours heun, float64 state \(default\) .* " + X, ">= 1"),
         ("heun float32 vs k-diffusion sample_heun", r"ours heun, float32 state .* " + X, ">= 1"),

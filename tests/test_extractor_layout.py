@@ -57,3 +57,21 @@ def test_extractor_with_the_separable_resize_gives_the_same_features_bit_for_bit
     with torch.no_grad():
         for images in (grey, rgb):
             assert torch.equal(ours(images)[0], theirs(images)[0])
+
+
+def test_extractor_identity_is_the_weights_not_the_file_bytes(tmp_path):
+    """The same tensors written two ways (a path: the archive folder is named after the file; a file object:
+    'archive') are two different files with one identity; other weights get another. Before, the identity hashed
+    the file's bytes, and a cache written by another process put the same weights' records in another group."""
+    from lightning_diff.evaluation.metrics.extractor import extractor_id
+
+    state = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}, "accuracy": 0.9}
+    torch.save(state, tmp_path / "one.pt")
+    with open(tmp_path / "two.pt", "wb") as file:
+        torch.save(state, file)
+    assert (tmp_path / "one.pt").read_bytes() != (tmp_path / "two.pt").read_bytes()
+    assert extractor_id("x", tmp_path / "one.pt") == extractor_id("x", tmp_path / "two.pt")
+    state["state_dict"]["w"][0, 0] = 0.5
+    torch.save(state, tmp_path / "three.pt")
+    assert extractor_id("x", tmp_path / "three.pt") != extractor_id("x", tmp_path / "one.pt")
+    assert extractor_id("x", None).startswith("x@torch-fidelity-")

@@ -70,7 +70,7 @@ def test_frontier_refuses_an_unknown_direction():
 
 # ------------------------------------------------------------------------------------------------ records
 
-REFERENCE = "digits-train-8px-small_classifier_digits@b710b582e7ee"
+REFERENCE = "digits-train-8px-small_classifier_digits@6b5b9cf7eb54"
 
 
 def _record(i, value, nfe, *, images=None, sampler="heun", num_images=256, metric="fid", time_steps=None):
@@ -81,7 +81,7 @@ def _record(i, value, nfe, *, images=None, sampler="heun", num_images=256, metri
             "run": {"dir": f"/runs/run{i}", "name": f"run{i}", "checkpoint": f"/runs/run{i}/last.ckpt",
                     "formulation": "EDM", "training_images": images},
             "protocol": {"weights": "ema", "samples": {
-                "reference": REFERENCE, "extractor": "small_classifier_digits@b710b582e7ee",
+                "reference": REFERENCE, "extractor": "small_classifier_digits@6b5b9cf7eb54",
                 "num_images": num_images, "seed_sets": 1, "rounding": "edm", "sampler": sampler_record, "nfe": nfe,
                 "reference_sha256": "0" * 64}},
             "provenance": {"config_hash": f"hash{i}", "command": f"lightning-diff evaluate ckpt=run{i}"}}

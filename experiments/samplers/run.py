@@ -24,17 +24,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from lightning_diff.cli.reproduction import (  # noqa: E402
-    QUICK_TRAINING,
     argument_parser,
+    demo_model,
     markdown_table,
     quality,
-    trained,
     write_results,
 )
-from lightning_diff.training.builders import build_datamodule, load_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NFES = (5, 9, 19)
@@ -64,16 +61,6 @@ def steps_for(nfe: int, evaluations_per_step: int) -> int:
     """The step count whose NFE is ``nfe``: ``nfe`` one-evaluation steps, or ``(nfe + 1) / 2`` two-evaluation steps
     whose last (to sigma = 0) is an Euler step (NFE = 2N - 1)."""
     return nfe if evaluations_per_step == 1 else (nfe + 1) // 2
-
-
-def model(args):
-    """``(module, datamodule, ckpt)``: ``--ckpt``, else the demo's recipe trained here (cached under ``--out``)."""
-    if args.ckpt is None:
-        overrides = ["experiment=edm_digits", *(QUICK_TRAINING if args.quick else ())]
-        module, data = trained("edm_digits" + ("_quick" if args.quick else ""), overrides, Path(args.out) / "runs")
-        return module, data, str(Path(module.run_config["paths"]["output_dir"]) / "checkpoints" / "last.ckpt")
-    module = load_module(args.ckpt)
-    return module, build_datamodule(OmegaConf.create(module.run_config)), args.ckpt
 
 
 def table(rows: list[dict], nfes, num_samples: int, ckpt: str) -> str:
@@ -107,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     nfes, num_samples = ((3,), 16) if args.quick else (NFES, args.num_samples)
     start = time.time()
-    module, data, ckpt = model(args)
+    module, data, ckpt = demo_model(args.ckpt, Path(args.out) / "runs", quick=args.quick)
     print(f"model {ckpt} ready ({time.time() - start:.0f} s)", flush=True)
     rows = []
     for label, (name, options, per_step) in SAMPLERS.items():

@@ -27,37 +27,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from lightning_diff.cli.reproduction import (  # noqa: E402
-    QUICK_TRAINING,
     argument_parser,
+    demo_model,
     markdown_table,
     quality,
-    trained,
     write_results,
 )
 from lightning_diff.cli.tune_steps import model_record, module_sampler  # noqa: E402
 from lightning_diff.sampling import SamplerSettings  # noqa: E402
 from lightning_diff.sampling.grid_file import write_grid_file  # noqa: E402
 from lightning_diff.sampling.tuned_grid import REFERENCE_SAMPLER, tune_grid  # noqa: E402
-from lightning_diff.training.builders import build_datamodule, load_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SAMPLERS = ("euler", "dpmpp_2m", "unipc")
 NFES = (5, 7, 10)
 TUNING_SEED, NUM_SEEDS = 1_000_000, 64  # tune-steps' defaults: apart from the held-out seeds 0 .. N-1
-
-
-def model(args):
-    """``(module, datamodule, ckpt)``: ``--ckpt``, else the demo's recipe trained here (cached under ``--out``)."""
-    ckpt = args.ckpt
-    if ckpt is None:
-        overrides = ["experiment=edm_digits", *(QUICK_TRAINING if args.quick else ())]
-        module, data = trained("edm_digits" + ("_quick" if args.quick else ""), overrides, Path(args.out) / "runs")
-        return module, data, str(Path(module.run_config["paths"]["output_dir"]) / "checkpoints" / "last.ckpt")
-    module = load_module(ckpt)
-    return module, build_datamodule(OmegaConf.create(module.run_config)), ckpt
 
 
 def reference_cached(sample):
@@ -116,7 +102,7 @@ def main() -> None:
     num_samples, max_evals = (32, 4) if quick else (args.num_samples, args.max_evals)
     nfes, seeds = ((3,), 4) if quick else (NFES, NUM_SEEDS)
     start, out = time.time(), Path(args.out)
-    module, data, ckpt = model(args)
+    module, data, ckpt = demo_model(args.ckpt, Path(args.out) / "runs", quick=args.quick)
     print(f"model {ckpt} ready ({time.time() - start:.0f} s)", flush=True)
     sample, record, rows = reference_cached(module_sampler(module)), model_record(module, ckpt), []
     formulation = module.formulation

@@ -29,7 +29,8 @@ from ..evaluation.sample_quality import sample_quality
 from ..training.builders import build_datamodule, load_module
 from .train import train
 
-__all__ = ["DIGITS_DDPM", "QUICK_TRAINING", "QUIET_TRAINING", "argument_parser", "digits_ddpm", "markdown_table",
+__all__ = ["DIGITS_DDPM", "QUICK_TRAINING", "QUIET_TRAINING", "argument_parser", "demo_model", "digits_ddpm",
+           "markdown_table",
            "quality", "trained", "write_results"]
 
 # Overrides of every reproduction's training runs: no W&B, no progress bar or sample grid (the scripts print).
@@ -101,6 +102,18 @@ def trained(name: str, overrides: Sequence[str], root: str | Path, *, weights: s
         ckpt = Path(train(cfg)["checkpoint"])
         stamp.write_text(json.dumps(wanted, indent=1))
     return load_module(str(ckpt), weights=weights).eval(), build_datamodule(cfg)
+
+
+def demo_model(ckpt: str | None, root: str | Path, *, quick: bool = False):
+    """``(module, datamodule, checkpoint path)``: ``ckpt`` when given (its own data), else the demo's recipe
+    (``experiment=edm_digits``; with ``quick``, :data:`QUICK_TRAINING` under another name) trained once into
+    ``<root>/edm_digits`` by :func:`trained`."""
+    if ckpt is None:
+        overrides = ["experiment=edm_digits", *(QUICK_TRAINING if quick else ())]
+        module, data = trained("edm_digits" + ("_quick" if quick else ""), overrides, root)
+        return module, data, str(Path(module.run_config["paths"]["output_dir"]) / "checkpoints" / "last.ckpt")
+    module = load_module(ckpt)
+    return module, build_datamodule(OmegaConf.create(module.run_config)), ckpt
 
 
 def digits_ddpm(root: str | Path, *, quick: bool = False):

@@ -24,6 +24,7 @@ layer of the TorchScript, which is then refused by name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -348,7 +349,33 @@ def build_extractor(name: str, features: list[str], weights_path: str | None, de
 
 
 def extractor_id(name: str, weights_path: str | None) -> str:
-    """A short identity of an extractor and its weights for cache keys and protocol records."""
+    """A short identity of an extractor and its weights for cache keys and protocol records: ``<name>@<first 12
+    hex of weights_digest>``, the same for the same weights however the file was written."""
     if weights_path is None:
         return f"{name}@torch-fidelity-{torch_fidelity.__version__}"
-    return f"{name}@{_sha1(Path(weights_path))[:12]}"
+    path = Path(weights_path)
+    stat = path.stat()
+    return f"{name}@{weights_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)[:12]}"
+
+
+@functools.lru_cache(maxsize=16)
+def weights_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-1 of the tensors in the weights file ``path`` (names, dtypes, shapes, bytes, in sorted order; other
+    entries such as a training record are left out). Not of the file's bytes: ``torch.save`` writes the archive's
+    folder name into the file (a temporary file's name, with its process id, when written through
+    ``checkpoint_io.atomic_write`` by older versions), so two files of the same weights had two identities and their
+    records fell into two leaderboard groups. ``size`` and ``mtime_ns`` key the in-process cache."""
+    digest = hashlib.sha1()
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().to("cpu").contiguous()
+            digest.update(f"{prefix}|{data.dtype}|{tuple(data.shape)}|".encode())
+            data = data.reshape(-1)  # 0-d tensors (num_batches_tracked) too
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(f"{prefix}.{key}" if prefix else str(key), value[key])
+
+    visit("", torch.load(path, map_location="cpu", weights_only=True))
+    return digest.hexdigest()
