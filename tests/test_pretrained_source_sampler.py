@@ -182,7 +182,7 @@ def test_evaluate_records_the_effective_sampler(adm_pt, tmp_path, monkeypatch, a
     reference = tmp_path / "ref.npz"
     np.savez(reference, mu=np.zeros(2048), sigma=np.eye(2048))
     monkeypatch.setattr(sampling.registry, "sample", SamplerSpy())
-    monkeypatch.setattr(metrics_compute, "frechet_distance", lambda *args: 0.0)  # the protocol, not the number
+    monkeypatch.setattr(metrics_compute, "frechet_distance", lambda *a, **k: 0.0)  # the protocol, not the number
     record = _evaluate(adm_pt, reference, asked)
     assert record["protocol"]["samples"]["sampler"] == expected
     assert record["protocol"]["pretrained"]["sampler"]["options"] == {"variance": "learned", "clip_denoised": True}
