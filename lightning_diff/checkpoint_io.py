@@ -142,6 +142,22 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
     return target
 
 
+def update_digest(digest, tensors, prefix: str = "") -> None:
+    """Feed the tensors of ``tensors`` (a state dict, or nested dicts of them; other entries are skipped) into the
+    hashlib object ``digest``: per tensor, in sorted key order, ``"<key>|<dtype>|<shape>|"`` and its bytes (nested
+    keys joined with ``.``). Identifies weights by their values, not by how a file stores them (``torch.save``
+    writes the archive's folder name into the file). Used for the Analytic-DPM / tune-steps / reflow fingerprints
+    (``sampling.analytic_dpm.fingerprint``) and the feature extractors' labels (``metrics.extractor``)."""
+    for key in sorted(tensors, key=str):
+        value, name = tensors[key], f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, torch.Tensor):
+            data = value.detach().to("cpu").contiguous()
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        elif isinstance(value, Mapping):
+            update_digest(digest, value, name)
+
+
 def check_writable(folder: str | os.PathLike, setting: str) -> Path:
     """Create ``folder`` (with its parents) and write and remove a probe file in it, so that an output folder
     the run cannot write fails before the work instead of after it. ``setting`` says where the folder comes

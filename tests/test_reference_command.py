@@ -41,3 +41,18 @@ def test_a_metric_without_reference_statistics_is_refused_by_name():
     with pytest.raises(ValueError, match=r"metrics=\['fid', 'is'\]: \['is'\] need no reference statistics; "
                                          "allowed: any of fid, kid, pr"):
         reference(compose(["data=digits", "metrics=[fid,is]"], "reference"))
+
+
+def test_a_cache_that_cannot_take_the_entry_fails_before_any_image(tmp_path, monkeypatch):
+    """A cache whose reference folder cannot be written (here: a file stands in its place) is refused by name
+    before the extractor is built or a reference image read, not after minutes of Inception features. (A cache that
+    cannot take the converted Inception weights fails earlier still, naming the file.)"""
+    from lightning_diff.evaluation.metrics import compute
+
+    (tmp_path / "reference").write_text("not a folder")
+    monkeypatch.setattr(compute.Extractors, "build", lambda *a, **k: pytest.fail("built the extractor"))
+    cfg = compose(["data=digits", "metrics.reference_num_images=6", f"metrics.cache_dir={tmp_path}",
+                   "progress=false"], "reference")
+    with pytest.raises(OSError, match=r"metrics.cache_dir=.* \(reference statistics digits-train.*\): cannot "
+                                      r"write to .*reference"):
+        reference(cfg)

@@ -3,6 +3,7 @@ reads them (``configs/reference.yaml``; the computation: ``evaluation.sample_qua
 
 from __future__ import annotations
 
+import sys
 import time
 
 import hydra
@@ -45,7 +46,12 @@ def reference(cfg: DictConfig) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reference")
 def main(cfg: DictConfig) -> None:
     check_command(cfg, "reference")  # every '+key' read, numbers and choices valid: before any work
-    print(reference(cfg))
+    try:
+        line = reference(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the entry is written atomically or not at all
+        print("interrupted: no reference statistics were cached", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT: the status a shell gives a command stopped by Ctrl-C
+    print(line)
 
 
 if __name__ == "__main__":

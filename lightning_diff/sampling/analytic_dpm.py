@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint_io import default_cache_dir as cache_root
+from ..checkpoint_io import update_digest
 from ..denoiser import Denoiser
 from ..formulations.posterior import ddpm_posterior
 from .noise import PerSampleGenerator
@@ -175,10 +176,7 @@ def estimate_moments(denoiser, data, sigmas: torch.Tensor, *, num_samples: int =
 def fingerprint(denoiser: torch.nn.Module, sigmas: torch.Tensor, settings: dict) -> str:
     """sha256 of the denoiser's weights and buffers (names, dtypes, shapes, bytes), the grid and ``settings``."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(denoiser.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    update_digest(digest, denoiser.state_dict())
     digest.update(sigmas.detach().to("cpu", torch.float64).numpy().tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()

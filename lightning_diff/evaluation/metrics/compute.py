@@ -26,9 +26,10 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from ...checkpoint_io import check_writable
 from ...distributed import all_gather_rows, rank_and_world, shard
 from .extractor import POOL3_EXTRACTOR, VGG16_EXTRACTOR, build_extractor, extractor_id, resolve_inception_weights
-from .reference import ReferenceStats, load_reference, reference_key, save_reference
+from .reference import ReferenceStats, load_reference, reference_key, reference_path, save_reference
 from .stats import FRECHET_METHODS, FeatureStats, frechet_distance
 
 __all__ = ["METRICS", "ImageSource", "Extractors", "compute_metrics", "extract_reference", "cache_reference"]
@@ -254,6 +255,8 @@ def cache_reference(
             return key
     except ValueError:
         pass
+    folder = reference_path(key, cache_dir).parent  # a cache that cannot take the entry fails now, not after it
+    check_writable(folder, f"metrics.cache_dir={cache_dir} (reference statistics {key})")
     ex = Extractors.build(tuple(m for m in metrics if m != "is") or ("fid",), inception_weights, None, device,
                           cache_dir, feature_extractor)
     ref = extract_reference(images, ex, keep_features=keep_features, batch_size=batch_size, device=device)

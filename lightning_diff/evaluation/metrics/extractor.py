@@ -38,7 +38,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ...checkpoint_io import atomic_write, default_cache_dir
+from ...checkpoint_io import atomic_write, default_cache_dir, update_digest
 
 __all__ = [
     "POOL3_EXTRACTOR",
@@ -360,22 +360,11 @@ def extractor_id(name: str, weights_path: str | None) -> str:
 
 @functools.lru_cache(maxsize=16)
 def weights_digest(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-1 of the tensors in the weights file ``path`` (names, dtypes, shapes, bytes, in sorted order; other
-    entries such as a training record are left out). Not of the file's bytes: ``torch.save`` writes the archive's
-    folder name into the file (a temporary file's name, with its process id, when written through
+    """SHA-1 of the tensors in the weights file ``path`` (``checkpoint_io.update_digest``: names, dtypes, shapes,
+    bytes; other entries such as a training record are left out). Not of the file's bytes: ``torch.save`` writes the
+    archive's folder name into the file (a temporary file's name, with its process id, when written through
     ``checkpoint_io.atomic_write`` by older versions), so two files of the same weights had two identities and their
     records fell into two leaderboard groups. ``size`` and ``mtime_ns`` key the in-process cache."""
     digest = hashlib.sha1()
-
-    def visit(prefix: str, value) -> None:
-        if isinstance(value, torch.Tensor):
-            data = value.detach().to("cpu").contiguous()
-            digest.update(f"{prefix}|{data.dtype}|{tuple(data.shape)}|".encode())
-            data = data.reshape(-1)  # 0-d tensors (num_batches_tracked) too
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                visit(f"{prefix}.{key}" if prefix else str(key), value[key])
-
-    visit("", torch.load(path, map_location="cpu", weights_only=True))
+    update_digest(digest, torch.load(path, map_location="cpu", weights_only=True))
     return digest.hexdigest()
