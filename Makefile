@@ -1,4 +1,4 @@
-# lightning_diff: `make demo` trains EDM on digits and writes a sample grid; `make test` runs the fast suite.
+# lightning_diff: `make demo` trains EDM on digits (experiment=edm_digits_fast) and writes a sample grid; `make test` runs the fast suite.
 PY        := .venv/bin/python
 STAMP     := .venv/.installed
 PYTEST    := $(PY) -m pytest
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m lightning_diff train experiment=edm_digits
+	$(PY) -m lightning_diff train experiment=edm_digits_fast
 	$(PY) experiments/edm_digits/check_digits.py
 
 test: install

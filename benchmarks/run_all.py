@@ -30,6 +30,10 @@ ROWS = {
         ("real loader vs in-memory batch (steps/s)", r"data loading .*\(([0-9.]+)\)", ">= 0.95"),
         ("torch.compile step speed-up", r"torch.compile .*\(" + X, "report"),
     ],
+    "demo_step.py": [
+        ("demo step, edm_digits_fast vs edm_digits (one thread)", r"^demo step, edm_digits_fast .* " + X, ">= 1.5"),
+        ("demo step, bf16 autocast vs fp32 (CPU with bf16 units)", r"^demo step, \+ bf16 autocast: .* " + X, ">= 1"),
+    ],
     "user_wall.py": [
         ("make demo wall / 150 s (every core)", r"^demo wall: .*: " + X, "<= 1"),
         ("first evaluate wall / 90 s (every core)", r"^first evaluate wall: .*: " + X, "<= 1"),

@@ -47,7 +47,8 @@ def main() -> None:
         quick_eval = ["metrics.num_samples=16", "metrics.kid.subset_size=8"] if args.quick else \
             ["metrics.num_samples=256", "metrics.kid.subset_size=100"]
         quick_ref = ["metrics.reference_num_images=32"] if args.quick else []
-        times = {"demo": timed(["-m", "lightning_diff", "train", "experiment=edm_digits", f"hydra.run.dir={run}",
+        times = {"demo": timed(["-m", "lightning_diff", "train", "experiment=edm_digits_fast",
+                                f"hydra.run.dir={run}",
                                 *quick_train], env)}
         times["demo"] += timed(["experiments/edm_digits/check_digits.py", str(run / "samples.npz")], env)
         reference = timed(["-m", "lightning_diff", "reference", "data=digits", "progress=false", *quick_ref], env)

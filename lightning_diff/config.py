@@ -7,7 +7,8 @@
   tests and notebooks.
 - the resolvers ``${wandb_offline:}``, ``${run_id:}`` (6 random hex digits, one per process),
   ``${group_options:<group>}`` (the options of a config group, for the ``--help`` texts), ``${auto_accelerator:}``
-  and ``${auto_precision:}`` (``trainer=auto``), registered on import;
+  and ``${auto_precision:}`` (``trainer=auto``; ``${auto_precision:native_bf16}``: bf16 also on a CPU with bf16
+  units), registered on import;
 - the paper presets' batch and length resolvers (``configs/experiment/<paper>_*.yaml``): a preset states the
   paper's ``global_batch_size`` (over all processes) and optionally ``max_batch_per_process`` (memory only);
   ``${batch_per_process:}`` and ``${grad_accumulation:}`` give ``data.batch_size`` and
@@ -59,13 +60,28 @@ def auto_accelerator() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def auto_precision() -> str:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, read from Linux's ``cpuinfo``
+    flags; False where that file is absent). There oneDNN's bf16 convolutions beat fp32 (the demo's U-Net step
+    1.24x, benchmarks/README.md); without these units bf16 autocast is emulated and 2-3x slower than fp32."""
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(cpu: str = "fp32") -> str:
     """``trainer=auto``'s precision: on a GPU, bf16 autocast of the backbone where the GPU computes in bf16
-    (Ampere and newer), else fp16 with loss scaling; on the CPU full fp32 (bf16 autocast: 2-3x slower there)."""
+    (Ampere and newer), else fp16 with loss scaling. On the CPU, ``cpu``: ``fp32`` (``${auto_precision:}``: full
+    fp32) or ``native_bf16`` (``${auto_precision:native_bf16}``: bf16 autocast where the CPU has bf16 units,
+    :func:`cpu_has_native_bf16`, else fp32; a preset asks for it where it measured the gain, as the demo's)."""
     import torch
 
+    if cpu not in ("fp32", "native_bf16"):
+        raise ValueError(f"auto_precision: cpu={cpu!r}; allowed: fp32, native_bf16")
     if not torch.cuda.is_available():
-        return "32-true"
+        return "bf16-mixed" if cpu == "native_bf16" and cpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
 
 

@@ -123,7 +123,8 @@ def test_unread_plus_overrides_are_refused_naming_them(name, overrides, message)
         checked(name, overrides)
 
 
-@pytest.mark.parametrize("overrides", [["experiment=edm_digits"], ["experiment=edm_cifar10_cond_vp"],
+@pytest.mark.parametrize("overrides", [["experiment=edm_digits"], ["experiment=edm_digits_fast"],
+                                       ["experiment=edm_cifar10_cond_vp"],
                                        ["+smoke=cpu", "experiment=edm_imagenet64_cond_adm"]])
 def test_shipped_presets_pass_the_check(overrides):
     """Paper presets: fractional lr ramp-up steps (an int annotation) and resolvers included."""

@@ -1,6 +1,6 @@
 """Autoguidance and guidance intervals on 8x8 digits (Karras et al. 2024; Kynkäänniemi et al. 2024) at toy scale.
 
-One class-conditional model of the demo's recipe (repro_guidance's: configs/experiment/edm_digits.yaml with
+One class-conditional model of the digits EDM recipe (repro_guidance's: configs/experiment/edm_digits.yaml with
 ``module.conditional=true``, label dropout 0.1) trained for ``TRAIN_STEPS`` steps, whose run keeps a checkpoint every
 ``WEAK_STEP`` steps; the weaker model of autoguidance is its checkpoint at step ``WEAK_STEP`` (the same run, a quarter
 of the training). Each row
@@ -43,7 +43,7 @@ from lightning_diff.evaluation.generate import load_guidance  # noqa: E402
 from lightning_diff.sampling import Guidance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-TRAIN_STEPS = 600  # the demo recipe's 2,000 steps cut to fit 15 minutes of the shared 2-core CPU with the evaluation
+TRAIN_STEPS = 600  # edm_digits' 2,000 steps cut to fit 15 minutes of the shared 2-core CPU with the evaluation
 WEAK_STEP = 150  # the weaker model: the same run's checkpoint at this step (a quarter of the training)
 NUM_SAMPLES = 400  # samples per row (seeds 0..399, 40 per asked class)
 QUICK_WEAK_STEP = 2  # --quick: of QUICK_TRAINING's 4 steps

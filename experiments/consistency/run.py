@@ -2,7 +2,7 @@
 and 4 network evaluations (NFE) of consistency distillation (CD) and consistency training (CT) against the teacher's
 DDIM, Heun and DPM-Solver++(2M) and a progressive-distillation student (Salimans & Ho 2022) at the same NFE.
 
-The teacher is the demo's EDM model (configs/experiment/edm_digits.yaml; trained and cached by
+The teacher is the digits EDM model (configs/experiment/edm_digits.yaml; trained and cached by
 ``reproduction.trained`` unless ``--teacher CKPT`` is given). Both consistency models start from its network and are
 trained by ``lightning-diff consistency`` (``lightning_diff.cli.consistency``): CD with its defaults (Heun teacher
 steps on N = 18 levels, EMA target mu = 0.95, pseudo-Huber), CT with iCT's (curriculum N(k) from 10 to 1280 steps,

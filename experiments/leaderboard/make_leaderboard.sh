@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate experiments/leaderboard/leaderboard.{md,csv,html} from this repository's own runs (one command):
 #   bash experiments/leaderboard/make_leaderboard.sh            # after `make demo`
-# Scores the newest demo run (outputs/train/edm_digits) with two samplers unless its records exist
+# Scores the newest demo run (outputs/train/edm_digits_fast) with two samplers unless its records exist
 # (eval-leaderboard-<sampler>.json beside the checkpoint), copies every record under outputs/ (the demo, the
 # experiments' and reproductions' runs, any `lightning-diff evaluate`) into experiments/leaderboard/records/ (committed:
 # a clone without outputs/ rebuilds the same board; a folder of outputs/ replaces its copy whole, so a retrained run's
@@ -16,9 +16,9 @@ NUM_IMAGES=${NUM_IMAGES:-256}
 SAMPLERS=${SAMPLERS:-heun euler}
 RECORDS=experiments/leaderboard/records
 RUNS=${RUNS:-$RECORDS}
-ckpt=$(ls -t outputs/train/edm_digits/*/checkpoints/last.ckpt 2>/dev/null | head -n 1 || true)
+ckpt=$(ls -t outputs/train/edm_digits_fast/*/checkpoints/last.ckpt 2>/dev/null | head -n 1 || true)
 if [ -z "$ckpt" ]; then
-  echo "no demo run under outputs/train/edm_digits: run \`make demo\` first" >&2
+  echo "no demo run under outputs/train/edm_digits_fast: run \`make demo\` first" >&2
   exit 1
 fi
 for sampler in $SAMPLERS; do

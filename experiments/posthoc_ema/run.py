@@ -1,6 +1,6 @@
 """Post-hoc EMA on 8x8 digits (Karras et al. 2024, Sec. 3): sample quality against the EMA length from one run.
 
-Trains the demo's EDM recipe (configs/experiment/edm_digits.yaml, 2,000 steps) at half width once with
+Trains the digits EDM recipe (configs/experiment/edm_digits.yaml, 2,000 steps) at half width once with
 ``callbacks/posthoc_ema=edm2`` (profiles sigma_rel 0.05 and 0.10, a snapshot every 25 steps: 80; cached by
 ``reproduction.trained``), builds the EMA of each length in ``SIGMA_RELS`` at the final step with
 ``lightning-diff posthoc-ema``'s function, and measures each with the demo's sampler (deterministic Heun, 18 steps,
@@ -38,7 +38,7 @@ from lightning_diff.training.builders import load_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SIGMA_RELS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25)  # EDM2 Fig. 5's range, the tracked two inside
-# The demo's recipe (2,000 steps) at half width (16 channels, 0.18M parameters): what fits the shared 2-core CPU
+# The digits EDM recipe (2,000 steps) at half width (16 channels, 0.18M parameters): what fits the shared 2-core CPU
 MODEL = ["experiment=edm_digits", "network.model_channels=16", "callbacks/posthoc_ema=edm2",
          "callbacks.posthoc_ema.every_n_steps=25"]
 SAMPLER = {"name": "heun", "steps": 18, "options": {}}  # the demo's: EDM Algorithm 1, 35 NFE
@@ -96,7 +96,7 @@ def main() -> None:
     own = quality(module, data, SAMPLER, num_samples=num_samples)
     tracked = rows[0]["tracked"]
     config = module.run_config
-    text = (f"The demo's EDM recipe on digits at {config['network']['model_channels']} channels "
+    text = (f"The digits EDM recipe (experiment=edm_digits) at {config['network']['model_channels']} channels "
             f"({config['trainer']['max_steps']} steps of batch {data.batch_size}), post-hoc EMA from "
             f"{rows[0]['snapshots']} snapshots of sigma_rel {tracked} at step {rows[0]['step']}; deterministic Heun, "
             f"18 steps, on {num_samples} seeds. fd: Fréchet distance in the small digits classifier's features "

@@ -1,6 +1,6 @@
 """DDIM's Table 1 (Song, Meng & Ermon 2021) at toy scale on 8x8 digits: sample quality against steps S and eta.
 
-One DDPM (``formulation=ddpm``: linear betas 1e-4..0.02, T = 1000, eps prediction; the demo's tiny U-Net at half
+One DDPM (``formulation=ddpm``: linear betas 1e-4..0.02, T = 1000, eps prediction; edm_digits' tiny U-Net at half
 width, trained with iDDPM's hybrid loss so that repro_likelihood can reuse it: its mean is trained by L_simple
 alone) is sampled on strided grids of S in {10, 20, 50, 100} steps (the formulation's trailing spacing) by
 

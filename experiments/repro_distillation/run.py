@@ -1,6 +1,6 @@
 """Progressive distillation on 8x8 digits (Salimans & Ho 2022): 64 -> 32 -> 16 -> 8 -> 4 DDIM steps.
 
-Trains the demo's EDM teacher (configs/experiment/edm_digits.yaml; cached by ``reproduction.trained``) unless
+Trains the digits EDM teacher (configs/experiment/edm_digits.yaml; cached by ``reproduction.trained``) unless
 ``--teacher CKPT`` is given, distils it with ``methods.distillation.ProgressiveDistillation`` and measures, per
 round, the student's deterministic DDIM samples and the teacher's DDIM samples at the same step count on the same
 seeds 0..N-1:

@@ -1,6 +1,6 @@
 """EDM's sampler study (Karras et al. 2022, Figure 2 / Table 2 and Figure 4) at toy scale on 8x8 digits.
 
-Two models of the demo's recipe (configs/experiment/edm_digits.yaml): one EDM-trained, one VP-trained
+Two models of the digits EDM recipe (configs/experiment/edm_digits.yaml): one EDM-trained, one VP-trained
 (``formulation=vp``). Each is sampled by Euler, EDM's Heun, DDIM (eta = 0) and DPM-Solver++(2M) at several step
 counts on the model's own grid; the VP model also by EDM Figure 2's ablation chain: Euler and Heun in VP's own
 ``sigma(t), s(t)`` (``sampler=ablation``: Euler there is VP's original deterministic sampler) and EDM's Heun on EDM's

@@ -1,6 +1,6 @@
 """The eight formulations at an equal training budget on 8x8 digits (EDM, Karras et al. 2022, Sec. 3 and Table 2).
 
-Every formulation of configs/formulation (ddpm, iddpm, ncsn, vp, subvp, ve, edm, rf) trains the demo's network
+Every formulation of configs/formulation (ddpm, iddpm, ncsn, vp, subvp, ve, edm, rf) trains edm_digits' network
 (configs/experiment/edm_digits.yaml: tiny_unet, Adam lr 2e-3, EMA) for the same steps and batch. Each model is
 then scored by sample quality with its paper's own sampler (``OWN_SAMPLERS``; the papers' 1000-level samplers cut
 to 100 levels to fit the CPU budget) and with EDM's Heun at 18 steps (35 NFE) on its formulation's grid, and by the
@@ -25,7 +25,7 @@ from lightning_diff.evaluation.split_likelihood import split_bits_per_dim  # noq
 
 HERE = Path(__file__).resolve().parent
 FORMULATIONS = ("ddpm", "iddpm", "ncsn", "vp", "subvp", "ve", "edm", "rf")
-# Equal budget for all: the demo's recipe for these steps and batch; --quick: a few steps, few samples and images.
+# Equal budget for all: the digits EDM recipe for these steps and batch; --quick: a few steps, few samples and images.
 BUDGET = {"full": {"steps": 500, "batch": 64, "num_images": 256, "bpd_images": 180},
           "quick": {"steps": 4, "batch": 16, "num_images": 16, "bpd_images": 8}}
 # The paper's sampler of each formulation (its configs/experiment preset), at 100 levels instead of 1000:
@@ -69,7 +69,7 @@ def bits_per_dim(module, data, num_images: int) -> dict:
 
 
 def training(budget: dict, name: str) -> list[str]:
-    """The overrides of formulation ``name``'s run: the demo's recipe at the budget's steps and batch."""
+    """The overrides of formulation ``name``'s run: the digits EDM recipe at the budget's steps and batch."""
     return ["experiment=edm_digits", f"formulation={name}", f"trainer.max_steps={budget['steps']}",
             f"data.batch_size={budget['batch']}"]
 
@@ -120,7 +120,8 @@ def main() -> None:
     edm, data = trained("edm", training(budget, "edm"), out / "runs")
     fid = quality(edm, data, heun(edm.formulation), num_samples=budget["num_images"], inception=True)
     n = budget["num_images"]
-    table = (f"Every formulation: the demo's recipe for {budget['steps']} steps of batch {budget['batch']}. FD and KID "
+    table = (f"Every formulation: the digits EDM recipe (experiment=edm_digits) for {budget['steps']} steps of batch "
+             f"{budget['batch']}. FD and KID "
              f"in the small digits classifier's features, {n} samples (seeds 0..{n - 1}), lower is better; bits/dim: "
              f"probability-flow ODE on {budget['bpd_images']} held-out digits (RK45 rtol = atol = {BPD['rtol']:g}).\n\n"
              f"{results_table(rows)}\nInception FID of the EDM model's Heun-35 samples: {fid['fid']:.4g} "

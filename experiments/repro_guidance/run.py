@@ -1,6 +1,6 @@
 """Classifier-free guidance on 8x8 digits (Ho & Salimans 2022, the FID-IS trade-off of Table 1) at toy scale.
 
-One class-conditional model of the demo's recipe (configs/experiment/edm_digits.yaml with ``module.conditional=true``)
+One class-conditional model of edm_digits' recipe (configs/experiment/edm_digits.yaml with ``module.conditional=true``)
 trained with label dropout (the null label replaces the class with probability ``network.label_dropout``, their
 p_uncond), sampled with the guided denoiser ``D_gamma = D(x) + gamma (D(x, c) - D(x))`` (``sampling.CFGDenoiser``;
 gamma = 1 + w in the paper's ``(1 + w) eps(x, c) - w eps(x)``: gamma = 1 is the conditional model, 0 the

@@ -1,7 +1,7 @@
 """Bits/dim of one DDPM by the variational bound with four reverse variances, and by the probability-flow ODE
 (Nichol & Dhariwal 2021, Table 1 and Sec. 4; Bao et al. 2022, Table 2), at toy scale on 8x8 digits.
 
-The DDPM of experiments/repro_ddim_table1 (linear betas, T = 1000, the demo's tiny U-Net at half width with
+The DDPM of experiments/repro_ddim_table1 (linear betas, T = 1000, edm_digits' tiny U-Net at half width with
 2 output channels, ``objective=hybrid``: L_simple trains the mean, lambda L_vlb the variance head; the same
 overrides, so ``trained`` trains it once for both) is scored on the 180 held-out digits (the data module has no
 test split; ``split="test"`` takes the held-out one and the protocol names it):

@@ -1,7 +1,7 @@
 """The sampler set users know (k-diffusion's and diffusers' names) on one digits model: Fréchet distance against the
 number of network evaluations (NFE 5, 9 and 19) for each sampler of docs/samplers.md that runs on EDM's time steps.
 
-The model is the demo's recipe (configs/experiment/edm_digits.yaml: the 0.7M-parameter U-Net, 2,000 steps, EMA
+The model is the digits EDM recipe (configs/experiment/edm_digits.yaml: the 0.7M-parameter U-Net, 2,000 steps, EMA
 weights): ``--ckpt``, else trained from scratch once into ``--out/runs`` (``reproduction.trained``, reused by a
 rerun). Every sampler runs on the formulation's own grid (EDM's time steps, rho 7, sigma 80 -> 0.002, then 0) with the
 step count that spends the budget: N steps for the one-evaluation samplers, (NFE + 1) / 2 for the two-evaluation ones
@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lightning_diff.cli.reproduction import (  # noqa: E402
     argument_parser,
-    demo_model,
+    edm_digits_model,
     markdown_table,
     quality,
     write_results,
@@ -89,12 +89,12 @@ def figure(rows: list[dict]):
 
 def main() -> None:
     parser = argument_parser(__doc__, "samplers")
-    parser.add_argument("--ckpt", default=None, help="the model (default: the demo's recipe, trained here)")
+    parser.add_argument("--ckpt", default=None, help="the model (default: the edm_digits recipe, trained here)")
     parser.add_argument("--num-samples", type=int, default=1024, help="held-out samples per setting (seeds 0..N-1)")
     args = parser.parse_args()
     nfes, num_samples = ((3,), 16) if args.quick else (NFES, args.num_samples)
     start = time.time()
-    module, data, ckpt = demo_model(args.ckpt, Path(args.out) / "runs", quick=args.quick)
+    module, data, ckpt = edm_digits_model(args.ckpt, Path(args.out) / "runs", quick=args.quick)
     print(f"model {ckpt} ready ({time.time() - start:.0f} s)", flush=True)
     rows = []
     for label, (name, options, per_step) in SAMPLERS.items():

@@ -1,7 +1,7 @@
 """Optimised step schedules on 8x8 digits: tuned grids against EDM's time steps at NFE 5, 7 and 10 for Euler,
 DPM-Solver++(2M) and UniPC (docs/tune_steps.md).
 
-The model is the demo's (configs/experiment/edm_digits.yaml: the 0.7M-parameter U-Net, 2,000 steps): ``--ckpt``,
+The model is edm_digits' (configs/experiment/edm_digits.yaml: the 0.7M-parameter U-Net, 2,000 steps): ``--ckpt``,
 else the same recipe trained from scratch once into ``--out/runs`` (``reproduction.trained``, reused by a rerun).
 For each sampler and NFE, ``tune_grid`` (what ``lightning-diff tune-steps`` runs, with its model record) tunes the
 grid on the tuning seeds 10^6 .. 10^6 + 63 from EDM's time steps (rho 7) and writes the grid file; the model is then
@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lightning_diff.cli.reproduction import (  # noqa: E402
     argument_parser,
-    demo_model,
+    edm_digits_model,
     markdown_table,
     quality,
     write_results,
@@ -96,13 +96,13 @@ def main() -> None:
     parser = argument_parser(__doc__, "tune_steps")
     parser.add_argument("--num-samples", type=int, default=1024, help="held-out samples per grid (seeds 0..N-1)")
     parser.add_argument("--max-evals", type=int, default=120, help="evaluations of the objective per tuning")
-    parser.add_argument("--ckpt", default=None, help="the model (default: the demo's recipe, trained here)")
+    parser.add_argument("--ckpt", default=None, help="the model (default: the edm_digits recipe, trained here)")
     args = parser.parse_args()
     quick = args.quick
     num_samples, max_evals = (32, 4) if quick else (args.num_samples, args.max_evals)
     nfes, seeds = ((3,), 4) if quick else (NFES, NUM_SEEDS)
     start, out = time.time(), Path(args.out)
-    module, data, ckpt = demo_model(args.ckpt, Path(args.out) / "runs", quick=args.quick)
+    module, data, ckpt = edm_digits_model(args.ckpt, Path(args.out) / "runs", quick=args.quick)
     print(f"model {ckpt} ready ({time.time() - start:.0f} s)", flush=True)
     sample, record, rows = reference_cached(module_sampler(module)), model_record(module, ckpt), []
     formulation = module.formulation
@@ -124,7 +124,8 @@ def main() -> None:
             print(f"{name} NFE {nfe}: fd {scores['karras']['fd']:.4g} -> {scores['tuned']['fd']:.4g}, endpoint MSE "
                   f"{content['loss']['heldout']['initial']:.3g} -> {content['loss']['heldout']['tuned']:.3g} "
                   f"({time.time() - start:.0f} s)", flush=True)
-    text = (f"The demo's EDM model on digits ({ckpt}); grids tuned on {seeds} tuning seeds with {max_evals} "
+    text = (f"The digits EDM model of experiment=edm_digits ({ckpt}); grids tuned on {seeds} tuning seeds with "
+            f"{max_evals} "
             f"evaluations of the objective each (Heun reference, {rows[0]['reference_steps']} steps), scored on "
             f"held-out seeds 0..{num_samples - 1}: fd, Fréchet distance, and kid, kernel distance, in the small digits "
             f"classifier's features (lower better), and the endpoint MSE against the reference on {seeds} other "

@@ -29,7 +29,7 @@ from ..evaluation.sample_quality import sample_quality
 from ..training.builders import build_datamodule, load_module
 from .train import train
 
-__all__ = ["DIGITS_DDPM", "QUICK_TRAINING", "QUIET_TRAINING", "argument_parser", "demo_model", "digits_ddpm",
+__all__ = ["DIGITS_DDPM", "QUICK_TRAINING", "QUIET_TRAINING", "argument_parser", "edm_digits_model", "digits_ddpm",
            "markdown_table",
            "quality", "trained", "write_results"]
 
@@ -38,7 +38,7 @@ QUIET_TRAINING = ("logger=csv", "callbacks.sample_grid=null", "trainer=cpu", "ca
                   "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false")
 # Added to a model's overrides by a reproduction's ``--quick`` smoke run (tests): a few steps of a small batch.
 QUICK_TRAINING = ("trainer.max_steps=4", "data.batch_size=16")
-# The DDPM of repro_ddim_table1 and repro_likelihood: the demo's recipe with DDPM's formulation (linear betas,
+# The DDPM of repro_ddim_table1 and repro_likelihood: the edm_digits recipe with DDPM's formulation (linear betas,
 # T = 1000), the hybrid loss (learned variance, two output channels) and the tiny U-Net at half width (16 channels).
 DIGITS_DDPM = ("experiment=edm_digits", "formulation=ddpm", "objective=hybrid", "+network.out_channels=2",
                "network.model_channels=16")
@@ -104,9 +104,9 @@ def trained(name: str, overrides: Sequence[str], root: str | Path, *, weights: s
     return load_module(str(ckpt), weights=weights).eval(), build_datamodule(cfg)
 
 
-def demo_model(ckpt: str | None, root: str | Path, *, quick: bool = False):
-    """``(module, datamodule, checkpoint path)``: ``ckpt`` when given (its own data), else the demo's recipe
-    (``experiment=edm_digits``; with ``quick``, :data:`QUICK_TRAINING` under another name) trained once into
+def edm_digits_model(ckpt: str | None, root: str | Path, *, quick: bool = False):
+    """``(module, datamodule, checkpoint path)``: ``ckpt`` when given (its own data), else the digits EDM
+    recipe (``experiment=edm_digits``; with ``quick``, :data:`QUICK_TRAINING` under another name) trained once into
     ``<root>/edm_digits`` by :func:`trained`."""
     if ckpt is None:
         overrides = ["experiment=edm_digits", *(QUICK_TRAINING if quick else ())]
