@@ -22,6 +22,7 @@ import torch
 
 from lightning_diff import formulations
 from lightning_diff.callbacks import EMA, FixedDecay
+from lightning_diff.config import CONFIG_DIR
 from lightning_diff.data import DigitsDataModule, Toy2DDataModule
 from lightning_diff.networks import MLP, TinyUNet
 from lightning_diff.training.module import DiffusionModule
@@ -108,11 +109,11 @@ def ema_update_ms(network: torch.nn.Module, repeats: int, calls: int) -> tuple[f
 
 
 def ddpmpp_cifar10() -> torch.nn.Module:
-    """EDM's DDPM++ CIFAR-10 backbone (configs/network/ddpmpp_cifar10.yaml)."""
+    """EDM's DDPM++ CIFAR-10 backbone (lightning_diff/configs/network/ddpmpp_cifar10.yaml)."""
     import hydra
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/network/ddpmpp_cifar10.yaml")
+    cfg = OmegaConf.load(Path(CONFIG_DIR, "network", "ddpmpp_cifar10.yaml"))
     fill = {k: v for k, v in {"in_channels": 3, "resolution": 32, "num_classes": 0}.items() if k in cfg}
     return hydra.utils.instantiate(cfg, **fill)
 
