@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import clock
 import pytorch_lightning as pl
@@ -22,9 +21,10 @@ import torch
 
 from lightning_diff import formulations
 from lightning_diff.callbacks import EMA, FixedDecay
-from lightning_diff.config import CONFIG_DIR
+from lightning_diff.config import compose
 from lightning_diff.data import DigitsDataModule, Toy2DDataModule
 from lightning_diff.networks import MLP, TinyUNet
+from lightning_diff.training.builders import build_network
 from lightning_diff.training.module import DiffusionModule
 
 CASES = {  # name -> (data module, backbone); small enough for a shared CPU
@@ -109,13 +109,9 @@ def ema_update_ms(network: torch.nn.Module, repeats: int, calls: int) -> tuple[f
 
 
 def ddpmpp_cifar10() -> torch.nn.Module:
-    """EDM's DDPM++ CIFAR-10 backbone (lightning_diff/configs/network/ddpmpp_cifar10.yaml)."""
-    import hydra
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(Path(CONFIG_DIR, "network", "ddpmpp_cifar10.yaml"))
-    fill = {k: v for k, v in {"in_channels": 3, "resolution": 32, "num_classes": 0}.items() if k in cfg}
-    return hydra.utils.instantiate(cfg, **fill)
+    """EDM's DDPM++ CIFAR-10 backbone, as ``experiment=edm_cifar10_uncond_vp`` builds it (3x32x32, no classes)."""
+    cfg = compose(["experiment=edm_cifar10_uncond_vp", "paths.output_dir=unused"])
+    return build_network(cfg, (3, 32, 32), num_classes=0, conditional=False)
 
 
 def compile_speedup(case: str, steps: int, repeats: int, fullgraph: bool = True) -> None:

@@ -76,12 +76,17 @@ def wandb_run_summary(path: Path) -> dict:
             "config": config, "history": history, "exited": exited}
 
 
-def load_experiment(name: str):
-    """``experiments/<name>/run.py`` as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / name / "run.py")
+def load_script(path: Path, name: str):
+    """The script at ``path`` imported as module ``name`` (experiments/ and benchmarks/ are not packages)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_experiment(name: str):
+    """``experiments/<name>/run.py`` as a module."""
+    return load_script(ROOT / "experiments" / name / "run.py", name)
 
 
 def run_experiment_quick(name: str, *args: str, timeout: float = 1200) -> None:

@@ -1,14 +1,12 @@
 """``make bench`` fails loudly when a ratio falls more than 10% below its committed value
 (``benchmarks/committed.json``), and every committed value names a row that ``run_all.py`` prints."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-spec = importlib.util.spec_from_file_location("run_all", BENCH / "run_all.py")
-run_all = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_all)
+from .helpers import ROOT, load_script
+
+BENCH = ROOT / "benchmarks"
+run_all = load_script(BENCH / "run_all.py", "run_all")
 COMMITTED = json.loads((BENCH / "committed.json").read_text())
 
 
@@ -27,13 +25,10 @@ def test_a_ratio_more_than_ten_percent_worse_is_named_and_one_within_ten_percent
     assert run_all.regressions([("metrics.py", fid, "not run", ">= 1.5")], committed) == []
 
 
-def test_the_56m_network_of_the_ema_row_builds_from_the_packaged_config(monkeypatch):
+def test_the_56m_network_of_the_ema_row_is_the_presets(monkeypatch):
     """``--quick`` leaves the DDPM++ row out, so only a full ``make bench`` reached this path: it read the config
     from the checkout's old top-level configs/ folder, gone since the configs moved into the package."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_training", BENCH / "training.py")
-    training = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(training)
-    network = training.ddpmpp_cifar10()
+    monkeypatch.syspath_prepend(str(BENCH))  # training.py imports its sibling clock.py
+    network = load_script(BENCH / "training.py", "bench_training").ddpmpp_cifar10()
     # NVlabs/edm SongUNet ddpmpp, label_dim 0 (EDM Table 7: 55.73M)
     assert sum(p.numel() for p in network.parameters()) == 55_733_891

@@ -2,21 +2,15 @@
 be the training data's (lightning_diff.data.digits.digits_uint8), or its realism threshold would judge samples
 against other images."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from lightning_diff.data.digits import digits_uint8
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "edm_digits" / "check_digits.py"
+from .helpers import ROOT, load_script
 
 
 def _check_digits():
-    spec = importlib.util.spec_from_file_location("check_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "experiments" / "edm_digits" / "check_digits.py", "check_digits")
 
 
 def test_the_check_reads_the_training_pixels():
